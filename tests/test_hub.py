@@ -1,0 +1,269 @@
+"""The bridge hub with real agents over in-memory transports, on Trio's MockClock.
+
+Time-dependent behaviour (queues, liveness) runs on the autojump clock: a test that waits
+"30 seconds" for a missed ping takes milliseconds, and the same way every time.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+import trio_websocket
+
+from trioprovider.agents.echo import EchoAgent, echo_text
+from trioprovider.agents.runner import AgentRejected, serve_agent
+from trioprovider.bridge.calls import NoAgent, Overloaded
+from trioprovider.bridge.hub import BridgeHub
+from trioprovider.bridge.streams import PeerClosed, WebSocketMessageStream, local_stream_pair
+from trioprovider.protocol import (
+    AgentHello,
+    HelloAck,
+    HelloReject,
+    ModelCard,
+    ModelError,
+    ModelInvoke,
+    ModelResult,
+    ModelStreamChunk,
+)
+
+TOKEN = "hub-token"
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def invoke(request_id: str, text: str = "alpha beta", model: str = "echo", **extra: object) -> ModelInvoke:
+    return ModelInvoke(id=request_id, session_id="s", model=model, messages=[{"role": "user", "content": text}], **extra)
+
+
+def attach(nursery: trio.Nursery, hub: BridgeHub, agent: EchoAgent, token: str = TOKEN) -> None:
+    hub_end, agent_end = local_stream_pair()
+    nursery.start_soon(hub.accept, hub_end)
+    nursery.start_soon(serve_agent, agent, agent_end, token)
+
+
+async def collect(call) -> tuple[str, list]:  # type: ignore[no-untyped-def]
+    text, replies = "", []
+    async for reply in call:
+        replies.append(reply)
+        if isinstance(reply, ModelStreamChunk):
+            text += reply.chunk.delta.content or ""
+    return text, replies
+
+
+async def test_requests_are_multiplexed_over_one_agent(autojump_clock: trio.testing.MockClock) -> None:
+    hub = BridgeHub(token=TOKEN, default_model="default")
+    agent = EchoAgent(tokens=6, delay=1.0)
+    order: list[str] = []
+    results: dict[str, str] = {}
+    async with trio.open_nursery() as nursery:
+        attach(nursery, hub, agent)
+        assert await hub.wait_for_agents(1)
+
+        async def run(request_id: str, text: str) -> None:
+            call = await hub.start_call(invoke(request_id, text))
+            got = ""
+            async for reply in call:
+                order.append(request_id)
+                if isinstance(reply, ModelStreamChunk):
+                    got += reply.chunk.delta.content or ""
+            results[request_id] = got
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(run, "a", "one two")
+            calls.start_soon(run, "b", "three")
+        nursery.cancel_scope.cancel()
+    assert results == {"a": echo_text("one two", 6), "b": echo_text("three", 6)}
+    # Both answers were in flight at once: their replies alternate rather than run back to back.
+    assert order[:4].count("a") == 2 and order[:4].count("b") == 2
+    assert hub.in_flight() == 0
+
+
+async def test_default_model_is_served_by_any_agent(autojump_clock: trio.testing.MockClock) -> None:
+    hub = BridgeHub(token=TOKEN, default_model="cursor-agent-local")
+    async with trio.open_nursery() as nursery:
+        attach(nursery, hub, EchoAgent(tokens=2))
+        await hub.wait_for_agents(1)
+        text, replies = await collect(await hub.start_call(invoke("r", "x", model="cursor-agent-local")))
+        assert text == "x x"
+        assert isinstance(replies[-1], ModelResult)
+        with pytest.raises(NoAgent):
+            await hub.start_call(invoke("r2", model="no-such-model"))
+        nursery.cancel_scope.cancel()
+
+
+async def test_max_concurrency_queues_then_overloads(autojump_clock: trio.testing.MockClock) -> None:
+    hub = BridgeHub(token=TOKEN, default_model="d", queue_limit=1)
+    agent = EchoAgent(tokens=3, delay=1.0, max_concurrency=1)
+    async with trio.open_nursery() as nursery:
+        attach(nursery, hub, agent)
+        await hub.wait_for_agents(1)
+        first = await hub.start_call(invoke("a"))
+        started: list[float] = []
+
+        async def queued() -> None:
+            call = await hub.start_call(invoke("b"))
+            started.append(trio.current_time())
+            await collect(call)
+
+        async with trio.open_nursery() as calls:
+            calls.start_soon(queued)
+            await trio.testing.wait_all_tasks_blocked()
+            assert hub.queued == 1
+            # The queue holds one; a third request fails fast instead of piling up.
+            with pytest.raises(Overloaded):
+                await hub.start_call(invoke("c"))
+            t0 = trio.current_time()
+            await collect(first)
+        assert started and started[0] >= t0
+        assert hub.queued == 0 and hub.in_flight() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_cancel_reaches_the_agent_and_frees_the_slot(autojump_clock: trio.testing.MockClock) -> None:
+    hub = BridgeHub(token=TOKEN, default_model="d")
+    agent = EchoAgent(tokens=100, delay=1.0, max_concurrency=1)
+    async with trio.open_nursery() as nursery:
+        attach(nursery, hub, agent)
+        await hub.wait_for_agents(1)
+        call = await hub.start_call(invoke("a"))
+        await call.__anext__()
+        await call.cancel("client_disconnected")
+        await agent.cancel_arrived.wait()
+        assert [request_id for request_id, _ in agent.cancelled] == ["a"]
+        assert hub.in_flight() == 0
+        # The agent's only slot is free again at once.
+        text, _ = await collect(await hub.start_call(invoke("b", max_tokens=2)))
+        assert text == "alpha beta"
+        nursery.cancel_scope.cancel()
+
+
+async def test_agent_that_disconnects_ends_its_requests_with_an_error(autojump_clock: trio.testing.MockClock) -> None:
+    hub = BridgeHub(token=TOKEN, default_model="d")
+    async with trio.open_nursery() as nursery:
+        hub_end, agent_end = local_stream_pair()
+        nursery.start_soon(hub.accept, hub_end)
+        agent_scope = trio.CancelScope()
+
+        async def doomed_agent() -> None:
+            with agent_scope:
+                await serve_agent(EchoAgent(tokens=100, delay=1.0), agent_end, TOKEN)
+            await agent_end.aclose()
+
+        nursery.start_soon(doomed_agent)
+        await hub.wait_for_agents(1)
+        call = await hub.start_call(invoke("a"))
+        await call.__anext__()
+        agent_scope.cancel()
+        _, replies = await collect(call)
+        assert isinstance(replies[-1], ModelError)
+        assert replies[-1].code == "agent_disconnected"
+        assert hub.agents() == [] and hub.in_flight() == 0
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("hello", "reason"),
+    [
+        (AgentHello(id="h", protocol_version=1, agent_id="x", token="wrong", models=[ModelCard(id="m")]), "invalid bridge token"),
+        (AgentHello(id="h", protocol_version=2, agent_id="x", token=TOKEN, models=[ModelCard(id="m")]), "protocol_version 2 is not supported"),
+        (HelloAck(id="h"), "the first message must be agent_hello or provider_hello"),
+    ],
+)
+async def test_bad_hellos_are_rejected_with_a_reason(hello: object, reason: str) -> None:
+    hub = BridgeHub(token=TOKEN, default_model="d")
+    hub_end, peer = local_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.accept, hub_end)
+        await peer.send(hello)  # type: ignore[arg-type]
+        reply = await peer.receive()
+        assert isinstance(reply, HelloReject)
+        assert reason in reply.reason
+        with pytest.raises(PeerClosed):
+            await peer.receive()
+    assert hub.agents() == [] and hub.rejected_hellos == 1
+
+
+async def test_agent_runner_reports_rejection() -> None:
+    hub = BridgeHub(token=TOKEN, default_model="d")
+    hub_end, agent_end = local_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.accept, hub_end)
+        with pytest.raises(AgentRejected, match="invalid bridge token"):
+            await serve_agent(EchoAgent(), agent_end, "wrong")
+
+
+async def test_answers_to_requests_never_given_are_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    hub = BridgeHub(token=TOKEN, default_model="d")
+    hub_end, rogue = local_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hub.accept, hub_end)
+        await rogue.send(AgentHello(id="h", protocol_version=1, agent_id="rogue", token=TOKEN, models=[ModelCard(id="echo")], max_concurrency=2))
+        assert isinstance(await rogue.receive(), HelloAck)
+        call = await hub.start_call(invoke("real"))
+        assert isinstance(await rogue.receive(), ModelInvoke)
+        # Replies for an id it was not given go nowhere; the real request is untouched.
+        await rogue.send(ModelResult(id="someone-else", choices=[]))
+        await rogue.send(ModelError(id="someone-else", code="x", message="y"))
+        await rogue.send(ModelResult(id="real", choices=[{"index": 0, "message": {"content": "ok"}}]))
+        reply = await call.__anext__()
+        assert isinstance(reply, ModelResult) and reply.id == "real"
+        nursery.cancel_scope.cancel()
+
+
+class Valve(trio.abc.Stream):
+    """A stream that can be frozen: it then stops delivering bytes, like a hung peer process."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.frozen = trio.Event()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.inner.receive_some(max_bytes)
+        if self.frozen.is_set():
+            await trio.sleep_forever()
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_an_agent_that_stops_answering_pings_is_dropped(autojump_clock: trio.testing.MockClock) -> None:
+    interval = 30.0
+    hub = BridgeHub(token=TOKEN, default_model="d", heartbeat_interval=interval)
+    server_stream, client_stream = trio.testing.memory_stream_pair()
+    valve = Valve(client_stream)
+    async with trio.open_nursery() as nursery:
+
+        async def bridge_side() -> None:
+            request = await trio_websocket.wrap_server_stream(nursery, server_stream)
+            ws = await request.accept()
+            await hub.accept(WebSocketMessageStream(ws))
+
+        async def agent_side() -> None:
+            ws = await trio_websocket.wrap_client_stream(nursery, valve, "127.0.0.1", "/")  # type: ignore[arg-type]
+            await serve_agent(EchoAgent(tokens=1000, delay=1.0), WebSocketMessageStream(ws), TOKEN)
+
+        nursery.start_soon(bridge_side)
+        nursery.start_soon(agent_side)
+        assert await hub.wait_for_agents(5)
+        call = await hub.start_call(invoke("a"))
+        await call.__anext__()
+        frozen_at = trio.current_time()
+        valve.frozen.set()
+        _, replies = await collect(call)
+        dropped_after = trio.current_time() - frozen_at
+        assert isinstance(replies[-1], ModelError) and replies[-1].code == "agent_disconnected"
+        # One interval to the next ping, at most one more waiting for its pong.
+        assert dropped_after <= 2 * interval + 1
+        assert hub.agents() == []
+        nursery.cancel_scope.cancel()

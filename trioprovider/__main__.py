@@ -1,0 +1,5 @@
+import sys
+
+from trioprovider.cli import main
+
+sys.exit(main())

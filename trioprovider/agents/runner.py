@@ -1,0 +1,215 @@
+"""The agent side of the bridge protocol, shared by every agent.
+
+An agent implements :class:`Agent` (``answer`` one request, streaming through an
+:class:`AnswerStream`); :func:`serve_agent` does the rest: hello, one task per request,
+``max_concurrency``, ``model_cancel`` (cancels that task), and turning failures into
+``model_error``. :func:`run_agent` connects over WebSocket and reconnects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import trio
+import trio_websocket
+
+from trioprovider.bridge.streams import MessageStream, PeerClosed, WebSocketMessageStream
+from trioprovider.protocol import (
+    PROTOCOL_VERSION,
+    AgentHello,
+    Chunk,
+    Delta,
+    HelloAck,
+    HelloReject,
+    ModelCancel,
+    ModelCard,
+    ModelError,
+    ModelInvoke,
+    ModelResult,
+    ModelStreamChunk,
+)
+
+log = logging.getLogger(__name__)
+
+
+class AgentFailure(Exception):
+    """Raised by an agent to end a request with a ``model_error``."""
+
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.retryable = retryable
+
+
+class AgentRejected(Exception):
+    """The bridge refused this agent's hello (bad token, unsupported version)."""
+
+
+class AnswerStream:
+    """Where an agent streams one answer."""
+
+    def __init__(self, request_id: str, stream: MessageStream) -> None:
+        self._id = request_id
+        self._stream = stream
+
+    async def send(self, delta: Delta, finish_reason: str | None = None) -> None:
+        chunk = Chunk(delta=delta, finish_reason=finish_reason)
+        await self._stream.send(
+            ModelStreamChunk(id=self._id, chunk=chunk, finished=finish_reason is not None)
+        )
+
+    async def text(self, content: str) -> None:
+        await self.send(Delta(content=content))
+
+    async def reasoning(self, text: str) -> None:
+        await self.send(Delta(reasoning_content=text))
+
+    async def tool_call_fragment(self, fragment: dict[str, Any]) -> None:
+        await self.send(Delta(tool_calls=[fragment]))
+
+
+class Agent(Protocol):
+    agent_id: str
+    models: list[ModelCard]
+    max_concurrency: int
+
+    async def answer(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
+        """Answer one request, streaming through ``out``; the result carries the usage.
+
+        Cancellation (``model_cancel``) arrives as ``trio.Cancelled``: stop and let it propagate.
+        """
+        ...
+
+
+async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
+    """Serve requests from the bridge on ``stream`` until either side closes it."""
+    await stream.send(
+        AgentHello(
+            id=f"hello-{agent.agent_id}",
+            protocol_version=PROTOCOL_VERSION,
+            agent_id=agent.agent_id,
+            token=token,
+            models=agent.models,
+            max_concurrency=agent.max_concurrency,
+        )
+    )
+    reply = await stream.receive()
+    if isinstance(reply, HelloReject):
+        raise AgentRejected(reply.reason)
+    if not isinstance(reply, HelloAck):
+        raise AgentRejected(f"expected hello_ack, got {reply.type}")
+    log.info("agent %r registered with the bridge (%s)", agent.agent_id, stream.peer)
+
+    in_flight: dict[str, trio.CancelScope] = {}
+    async with trio.open_nursery() as nursery:
+        while True:
+            try:
+                message = await stream.receive()
+            except PeerClosed:
+                break
+            if isinstance(message, ModelInvoke):
+                if message.id in in_flight or len(in_flight) >= agent.max_concurrency:
+                    await stream.send(
+                        ModelError(
+                            id=message.id,
+                            code="overloaded",
+                            message=f"agent {agent.agent_id!r} is at max_concurrency",
+                            retryable=True,
+                        )
+                    )
+                    continue
+                scope = trio.CancelScope()
+                in_flight[message.id] = scope
+                nursery.start_soon(_answer, agent, stream, message, scope, in_flight)
+            elif isinstance(message, ModelCancel):
+                # Forget it now, not when its task winds down, so its slot is free for the
+                # request the bridge may send right behind this cancel.
+                scope = in_flight.pop(message.id, None)
+                if scope is not None:
+                    log.debug("agent: request %s cancelled (%s)", message.id, message.reason)
+                    scope.cancel()
+            else:
+                log.debug("agent: ignoring %s", message.type)
+        nursery.cancel_scope.cancel()
+
+
+async def _answer(
+    agent: Agent,
+    stream: MessageStream,
+    invoke: ModelInvoke,
+    scope: trio.CancelScope,
+    in_flight: dict[str, trio.CancelScope],
+) -> None:
+    try:
+        with scope:
+            try:
+                result = await agent.answer(invoke, AnswerStream(invoke.id, stream))
+            except AgentFailure as failure:
+                await stream.send(
+                    ModelError(
+                        id=invoke.id,
+                        code=failure.code,
+                        message=failure.message,
+                        retryable=failure.retryable,
+                    )
+                )
+            except PeerClosed:
+                raise
+            except Exception as error:
+                log.exception("agent %r failed on request %s", agent.agent_id, invoke.id)
+                await stream.send(
+                    ModelError(id=invoke.id, code="agent_error", message=f"agent error: {error}")
+                )
+            else:
+                result.id = invoke.id
+                await stream.send(result)
+    except PeerClosed:
+        pass
+    finally:
+        if in_flight.get(invoke.id) is scope:
+            del in_flight[invoke.id]
+
+
+async def run_agent(
+    agent: Agent,
+    url: str,
+    token: str,
+    *,
+    reconnect_delay: float = 2.0,
+    reconnect_attempts: int | None = None,
+    max_frame_bytes: int = 8 * 1024 * 1024,
+    heartbeat_interval: float = 30.0,
+) -> None:
+    """Connect to the bridge at ``url`` and serve; reconnect after a lost connection.
+
+    ``reconnect_attempts`` bounds consecutive failed connects (None: keep trying). A rejected
+    hello is final: retrying with the same token cannot succeed.
+    """
+    failures = 0
+    while True:
+        try:
+            async with trio_websocket.open_websocket_url(
+                url, max_message_size=max_frame_bytes, connect_timeout=10, disconnect_timeout=2
+            ) as ws:
+                failures = 0
+                stream = WebSocketMessageStream(ws)
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_close_when_silent, stream, heartbeat_interval, nursery)
+                    await serve_agent(agent, stream, token)
+                    nursery.cancel_scope.cancel()
+            log.warning("agent %r: bridge closed the connection", agent.agent_id)
+        except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, PeerClosed) as error:
+            failures += 1
+            log.warning("agent %r: cannot reach the bridge at %s (%s)", agent.agent_id, url, error)
+            if reconnect_attempts is not None and failures > reconnect_attempts:
+                raise
+        await trio.sleep(reconnect_delay)
+
+
+async def _close_when_silent(
+    stream: WebSocketMessageStream, interval: float, nursery: trio.Nursery
+) -> None:
+    await stream.watch_liveness(interval)
+    nursery.cancel_scope.cancel()

@@ -1,0 +1,1 @@
+"""The bridge: where agents register and model requests are routed to them."""

@@ -1,0 +1,194 @@
+"""Requests in flight over one peer connection, multiplexed by request id."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Awaitable, Callable
+from typing import Protocol
+
+import trio
+
+from trioprovider.protocol import (
+    AgentInfo,
+    ModelCard,
+    ModelError,
+    ModelInvoke,
+    ModelResult,
+    Reply,
+)
+
+#: Replies buffered per request before the reader waits for the requester. Small: a slow client
+#: slows its own agent stream instead of growing memory.
+REPLY_BUFFER = 32
+
+
+class Delivery(enum.Enum):
+    DELIVERED = "delivered"
+    UNKNOWN = "unknown"  # no such request in flight (already finished, cancelled, or never sent)
+    STALLED = "stalled"  # the requester stopped reading; the request was dropped
+
+
+class NoAgent(Exception):
+    """No connected agent serves this model (or the bridge is unreachable)."""
+
+
+class Overloaded(Exception):
+    """Every agent for this model is at its ``max_concurrency`` and the queue is full."""
+
+
+class Call:
+    """One model request in flight: its agent's replies and a way to cancel it.
+
+    Iterating yields replies until one ends the request. If the agent goes away first, the last
+    reply is a synthetic ``model_error`` with code ``agent_disconnected``, so a requester never
+    waits on a reply that cannot come.
+    """
+
+    def __init__(
+        self,
+        request_id: str,
+        replies: trio.MemoryReceiveChannel[Reply],
+        cancel: Callable[[str, str], Awaitable[None]],
+    ) -> None:
+        self.request_id = request_id
+        self._replies = replies
+        self._cancel = cancel
+        self.finished = False
+
+    def __aiter__(self) -> Call:
+        return self
+
+    async def __anext__(self) -> Reply:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            reply = await self._replies.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            reply = ModelError(
+                id=self.request_id,
+                code="agent_disconnected",
+                message="the agent disconnected before finishing the answer",
+                retryable=True,
+            )
+        if isinstance(reply, (ModelResult, ModelError)):
+            self.finished = True
+            self._replies.close()
+        return reply
+
+    async def cancel(self, reason: str) -> None:
+        """Tell the agent to stop (once; a no-op after the answer ended)."""
+        if not self.finished:
+            self.finished = True
+            self._replies.close()
+            await self._cancel(self.request_id, reason)
+
+
+class CallTable:
+    """The reply channels of the requests in flight on one connection, by request id."""
+
+    def __init__(self) -> None:
+        self._open: dict[str, trio.MemorySendChannel[Reply]] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._open
+
+    def open(self, request_id: str) -> trio.MemoryReceiveChannel[Reply]:
+        if request_id in self._open:
+            raise ValueError(f"request id {request_id!r} is already in flight")
+        send, receive = trio.open_memory_channel[Reply](REPLY_BUFFER)
+        self._open[request_id] = send
+        return receive
+
+    def close(self, request_id: str) -> bool:
+        """Forget a request; True if it was in flight (so the caller owns telling the agent)."""
+        send = self._open.pop(request_id, None)
+        if send is None:
+            return False
+        send.close()
+        return True
+
+    def close_all(self) -> None:
+        for send in self._open.values():
+            send.close()
+        self._open.clear()
+
+    async def deliver(self, reply: Reply, stall_timeout: float) -> Delivery:
+        send = self._open.get(reply.id)
+        if send is None:
+            return Delivery.UNKNOWN
+        terminal = isinstance(reply, (ModelResult, ModelError))
+        if terminal:
+            del self._open[reply.id]
+        try:
+            try:
+                send.send_nowait(reply)
+            except trio.WouldBlock:
+                # One stalled client must not stall every other request on this connection
+                # for long: wait a bounded time, then drop that request.
+                with trio.move_on_after(stall_timeout):
+                    await send.send(reply)
+                    return Delivery.DELIVERED
+                self._open.pop(reply.id, None)
+                send.close()
+                return Delivery.STALLED
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The requester already left; its own cancel tells the agent.
+            return Delivery.DELIVERED
+        finally:
+            if terminal:
+                send.close()
+        return Delivery.DELIVERED
+
+
+class Resolution(enum.Enum):
+    SERVED = "served"
+    UNKNOWN_MODEL = "unknown_model"
+    NO_AGENTS = "no_agents"
+
+
+def resolve(model: str, agents: list[AgentInfo], default_model: str) -> Resolution:
+    """Whether a model can be served by the connected agents.
+
+    The configured default model is served by any agent when none advertises it by name.
+    """
+    if not agents:
+        return Resolution.NO_AGENTS
+    if model == default_model or any(card.id == model for a in agents for card in a.models):
+        return Resolution.SERVED
+    return Resolution.UNKNOWN_MODEL
+
+
+def catalog(agents: list[AgentInfo], default_model: str) -> list[ModelCard]:
+    """Every model the agents advertise, once each, plus the default model."""
+    cards: dict[str, ModelCard] = {}
+    for agent in agents:
+        for card in agent.models:
+            cards.setdefault(card.id, card)
+    if default_model not in cards:
+        # The default borrows the capabilities of whatever agent would serve it.
+        first = next(iter(cards.values()), None)
+        cards[default_model] = (
+            first.model_copy(update={"id": default_model}) if first else ModelCard(id=default_model)
+        )
+    return list(cards.values())
+
+
+class Bridge(Protocol):
+    """What the provider needs of the bridge, embedded (:class:`BridgeHub`) or remote."""
+
+    def agents(self) -> list[AgentInfo]:
+        ...
+
+    def resolve(self, model: str) -> Resolution:
+        ...
+
+    async def wait_for_agents(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for at least one agent; True if there is one."""
+        ...
+
+    async def start_call(self, invoke: ModelInvoke) -> Call:
+        """Send a request to an agent that serves its model; raises NoAgent or Overloaded."""
+        ...

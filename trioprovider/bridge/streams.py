@@ -1,0 +1,149 @@
+"""Message streams: what carries protocol messages between two peers.
+
+Everything above this module talks in :mod:`trioprovider.protocol` messages; only here do they
+become WebSocket frames. An embedded agent or provider uses :func:`local_stream_pair`, which
+hands message objects across memory channels: the same protocol with no socket and no JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Protocol
+
+import trio
+import trio_websocket
+
+from trioprovider import protocol
+from trioprovider.protocol import Message
+
+log = logging.getLogger(__name__)
+
+#: WebSocket close codes (RFC 6455) we send.
+CLOSE_POLICY = 1008  # bad token, bad hello, unknown version
+CLOSE_PROTOCOL = 1002  # a frame that is not a valid message
+
+
+class PeerClosed(Exception):
+    """The other side went away (closed, crashed, or stopped answering pings)."""
+
+
+class PeerMisbehaved(PeerClosed):
+    """The other side sent something that is not a valid message; the stream is now closed."""
+
+
+class MessageStream(Protocol):
+    """A bidirectional stream of protocol messages to one peer."""
+
+    @property
+    def peer(self) -> str:
+        """Who is on the other side, for logs."""
+        ...
+
+    async def send(self, message: Message) -> None:
+        """Send one message; raises :class:`PeerClosed` if the peer is gone."""
+        ...
+
+    async def receive(self) -> Message:
+        """The next message; raises :class:`PeerClosed` when there is none to come."""
+        ...
+
+    async def watch_liveness(self, interval: float) -> None:
+        """Return when the peer stops answering (checked every ``interval`` seconds)."""
+        ...
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        ...
+
+
+class WebSocketMessageStream:
+    """Protocol messages as JSON text frames on a trio-websocket connection."""
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
+        self._ws = ws
+        remote = ws.remote
+        self.peer = f"{remote.address}:{remote.port}" if hasattr(remote, "port") else str(remote)
+
+    async def send(self, message: Message) -> None:
+        try:
+            await self._ws.send_message(protocol.encode(message))
+        except trio_websocket.ConnectionClosed as closed:
+            raise PeerClosed(str(closed.reason)) from None
+
+    async def receive(self) -> Message:
+        try:
+            frame = await self._ws.get_message()
+        except trio_websocket.ConnectionClosed as closed:
+            raise PeerClosed(str(closed.reason)) from None
+        try:
+            return protocol.decode(frame)
+        except protocol.ProtocolError as error:
+            log.warning("bridge: invalid frame from %s: %s", self.peer, error)
+            await self.aclose(CLOSE_PROTOCOL, f"invalid frame: {error}"[:120])
+            raise PeerMisbehaved(str(error)) from None
+
+    async def watch_liveness(self, interval: float) -> None:
+        # A ping is answered by the peer's WebSocket library, not its application code, so a
+        # missing pong means a dead process or a dead network path, not a busy agent.
+        while True:
+            await trio.sleep(interval)
+            with trio.move_on_after(interval) as waited:
+                try:
+                    await self._ws.ping()
+                except trio_websocket.ConnectionClosed:
+                    return
+            if waited.cancelled_caught:
+                log.warning("bridge: %s missed a ping for %.1fs; dropping it", self.peer, interval)
+                await self.aclose(1001, "ping timeout")
+                return
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        # Bounded and shielded: closing is cleanup and must finish even while we are cancelled.
+        with trio.move_on_after(1, shield=True):
+            await self._ws.aclose(code, reason)
+
+
+class LocalMessageStream:
+    """One end of an in-process message stream (see :func:`local_stream_pair`)."""
+
+    def __init__(
+        self,
+        peer: str,
+        outgoing: trio.MemorySendChannel[Message],
+        incoming: trio.MemoryReceiveChannel[Message],
+    ) -> None:
+        self.peer = peer
+        self._outgoing = outgoing
+        self._incoming = incoming
+
+    async def send(self, message: Message) -> None:
+        try:
+            await self._outgoing.send(message)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise PeerClosed("local peer closed") from None
+
+    async def receive(self) -> Message:
+        try:
+            return await self._incoming.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise PeerClosed("local peer closed") from None
+
+    async def watch_liveness(self, interval: float) -> None:
+        # An in-process peer cannot vanish without closing its channel ends.
+        await trio.sleep(math.inf)
+
+    async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        self._outgoing.close()
+        self._incoming.close()
+
+
+def local_stream_pair(
+    name_a: str = "local", name_b: str = "local", buffer: int = 64
+) -> tuple[LocalMessageStream, LocalMessageStream]:
+    """Two connected in-process message streams, bounded by ``buffer`` messages each way."""
+    a_to_b_send, a_to_b_receive = trio.open_memory_channel[Message](buffer)
+    b_to_a_send, b_to_a_receive = trio.open_memory_channel[Message](buffer)
+    return (
+        LocalMessageStream(name_b, a_to_b_send, b_to_a_receive),
+        LocalMessageStream(name_a, b_to_a_send, a_to_b_receive),
+    )

@@ -1,0 +1,221 @@
+"""Command line: ``python -m trioprovider [serve|init|agent|bridge|schema] ...``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from trioprovider import __version__
+from trioprovider.config import ConfigError, Settings, load_settings, new_secret, write_initial_config
+
+COMMANDS = ("serve", "init", "agent", "bridge", "schema")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m trioprovider",
+        description="A local OpenAI- and Ollama-compatible provider whose models are agents.",
+    )
+    parser.add_argument("--version", action="version", version=f"trioprovider {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sub: argparse.ArgumentParser) -> None:
+        sub.add_argument("--config", type=Path, help="config file (default: config/config.toml if present)")
+        sub.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+
+    serve = commands.add_parser("serve", help="run the provider (the default command)")
+    common(serve)
+    serve.add_argument("--host", help="provider address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="provider port (default 8788)")
+    serve.add_argument("--agent", action="append", default=[], metavar="NAME", help="run agent NAME inside the server (e.g. echo); repeatable")
+    serve.add_argument("--bridge-url", help="where the bridge listens or is (default ws://127.0.0.1:8787)")
+    serve.add_argument("--external-bridge", action="store_true", help="connect to a bridge run by 'python -m trioprovider bridge'")
+    serve.add_argument("--echo-tokens", type=int, help="tokens per echo answer")
+    serve.add_argument("--echo-delay-ms", type=float, help="delay per echo token")
+
+    init = commands.add_parser("init", help="write config/config.toml with a fresh API key and bridge token")
+    common(init)
+    init.add_argument("--force", action="store_true", help="overwrite an existing config")
+
+    agent = commands.add_parser("agent", help="run an agent that connects to the bridge")
+    common(agent)
+    agent.add_argument("name", choices=["echo"], help="which agent")
+    agent.add_argument("--bridge-url", help="the bridge (default from config, or ws://127.0.0.1:8787)")
+    agent.add_argument("--token", help="bridge token (default from config or LOCAL_PROVIDER_BRIDGE_TOKEN)")
+    agent.add_argument("--tokens", type=int, help="echo: tokens per answer")
+    agent.add_argument("--delay-ms", type=float, help="echo: delay per token")
+    agent.add_argument("--models", help="echo: comma-separated model names to advertise")
+
+    bridge = commands.add_parser("bridge", help="run the bridge alone (for mcp.embedded_bridge = false)")
+    common(bridge)
+    bridge.add_argument("--bridge-url", help="where to listen (default ws://127.0.0.1:8787)")
+
+    schema = commands.add_parser("schema", help="print the bridge protocol's JSON Schema")
+    schema.add_argument("--output", type=Path, help="write it to this file instead")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0] not in COMMANDS and args_list[0].startswith("-") and args_list[0] not in ("-h", "--help", "--version")):
+        args_list.insert(0, "serve")
+    args = _parser().parse_args(args_list)
+    try:
+        if args.command == "init":
+            return _init(args)
+        if args.command == "schema":
+            return _schema(args)
+        settings = load_settings(args.config, overrides=_overrides(args))
+        _setup_logging(settings)
+        if args.command == "agent":
+            trio.run(_run_agent, settings, args)
+        elif args.command == "bridge":
+            trio.run(_run_bridge, settings)
+        else:
+            from trioprovider.server import StartupError
+
+            try:
+                trio.run(_run_server, settings, args.agent)
+            except StartupError as error:
+                raise ConfigError(str(error)) from None
+    except ConfigError as error:
+        print(f"trioprovider: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    get = partial(getattr, args)
+    overrides: dict[str, Any] = {
+        "logging.level": get("log_level", None),
+        "provider.host": get("host", None),
+        "provider.port": get("port", None),
+        "mcp.bridge_url": get("bridge_url", None),
+        "mcp.token": get("token", None),
+        "agents.echo.tokens": get("echo_tokens", None) or get("tokens", None),
+        "agents.echo.delay_ms": _first(get("echo_delay_ms", None), get("delay_ms", None)),
+    }
+    if get("external_bridge", False):
+        overrides["mcp.embedded_bridge"] = False
+    models = get("models", None)
+    if models:
+        overrides["agents.echo.models"] = [name.strip() for name in models.split(",") if name.strip()]
+    return {key: value for key, value in overrides.items() if value is not None}
+
+
+def _first(*values: Any) -> Any:
+    return next((value for value in values if value is not None), None)
+
+
+def _setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.logging.level,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _init(args: argparse.Namespace) -> int:
+    path = args.config or Path("config/config.toml")
+    api_key, _token = write_initial_config(path, force=args.force)
+    print(f"Wrote {path} (mode 0600).")
+    print(f"API key (shown once; only its hash is stored): {api_key}")
+    print("Agents started from this directory read the bridge token from the same file.")
+    return 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    from trioprovider.protocol import json_schema
+
+    text = json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+    if args.output:
+        args.output.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+async def _run_server(settings: Settings, agents: list[str]) -> None:
+    from trioprovider.server import serve
+
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(partial(serve, settings, agents=agents, handle_signals=True))
+        print(banner(running, settings), flush=True)
+
+
+def banner(running: Any, settings: Settings) -> str:
+    provider = running.provider
+    models = sorted({card.id for agent in provider.bridge.agents() for card in agent.models})
+    source = settings.source or "defaults (no config file)"
+    lines = [
+        f"trioprovider {__version__}  ·  config: {source}",
+        f"  OpenAI API   {running.provider_url}/v1",
+        f"  bridge       {running.bridge_url} ({'embedded' if running.hub else 'external'})",
+        f"  models       {', '.join([settings.provider.model_name, *models])}"
+        + ("" if models else "  (no agent connected yet)"),
+    ]
+    if running.ephemeral_api_key:
+        lines.append(f"  API key      {running.ephemeral_api_key}  (this run only; 'python -m trioprovider init' makes a lasting one)")
+    else:
+        lines.append(f"  API key      the key 'init' printed (stored hashed in {source})")
+    if settings.mcp.token:
+        lines.append("  agents       python -m trioprovider agent echo   (reads the bridge token from the config)")
+    else:
+        lines.append(
+            f"  agents       LOCAL_PROVIDER_BRIDGE_TOKEN={running.bridge_token} "
+            f"python -m trioprovider agent echo --bridge-url {running.bridge_url}"
+        )
+    lines.append("  Ctrl+C drains and stops.")
+    return "\n".join(lines)
+
+
+async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
+    from trioprovider.agents.runner import run_agent
+    from trioprovider.server import make_agent
+
+    if not settings.mcp.token:
+        raise ConfigError("no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'")
+    agent = make_agent(args.name, settings)
+    await run_agent(
+        agent,
+        settings.mcp.bridge_url,
+        settings.mcp.token,
+        reconnect_delay=max(0.5, settings.mcp.reconnect_delay),
+        heartbeat_interval=settings.mcp.heartbeat_interval,
+        max_frame_bytes=settings.mcp.max_frame_bytes,
+    )
+
+
+async def _run_bridge(settings: Settings) -> None:
+    import urllib.parse
+
+    from trioprovider.bridge.hub import BridgeHub
+    from trioprovider.bridge.server import serve_bridge
+    from trioprovider.server import check_bind
+
+    token = settings.mcp.token or new_secret()
+    url = urllib.parse.urlsplit(settings.mcp.bridge_url)
+    host = url.hostname or "127.0.0.1"
+    check_bind(host, settings.provider.allow_non_loopback)
+    hub = BridgeHub(
+        token=token,
+        default_model=settings.provider.model_name,
+        queue_limit=settings.mcp.queue_limit,
+        heartbeat_interval=settings.mcp.heartbeat_interval,
+        hello_timeout=settings.mcp.connection_timeout,
+    )
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(partial(serve_bridge, hub, host, 8787 if url.port is None else url.port, max_frame_bytes=settings.mcp.max_frame_bytes))
+        print(f"trioprovider bridge on ws://{host}:{port}", flush=True)
+        if not settings.mcp.token:
+            print(f"  bridge token (this run only): {token}", flush=True)

@@ -1,0 +1,289 @@
+"""RequestScope: the nursery that owns one model request, and the response body that holds it.
+
+One scope per model request, streaming or not::
+
+    RequestScope nursery
+    ├── agent stream   start the call, translate replies into events, enforce the deadlines,
+    │                  and on any way out send model_cancel (shielded, bounded)
+    ├── watchdog       end the request when its session expires or is revoked
+    └── heartbeat      a Heartbeat event while the agent is silent (streaming wire formats)
+
+The rate meter is not a task: the agent stream charges it per delta and the scope settles it
+when it closes (``settle`` refunds the unused reservation), which needs no scheduling.
+
+Quart returns a view's response before its body streams, so for a streamed answer the nursery
+cannot live in the view: :class:`StreamingBody` (a Quart ``ResponseBody``) opens the scope in
+``__aenter__`` and closes it in ``__aexit__``, both inside the request task. Nothing yields
+from inside a nursery: events cross to the body through a bounded memory channel.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Protocol
+
+import trio
+from quart.wrappers.response import ResponseBody
+
+from trioprovider.bridge.calls import Bridge, Call, NoAgent, Overloaded
+from trioprovider.errors import ApiError
+from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat, ReplyTranslator
+from trioprovider.protocol import ModelInvoke
+from trioprovider.admission import Admission
+from trioprovider.sessions import Session
+
+log = logging.getLogger(__name__)
+
+#: Events buffered between the agent stream and the client. Small on purpose: a slow client
+#: slows its agent stream (and, beyond the bridge's stall timeout, is dropped).
+EVENT_BUFFER = 16
+#: How many ready events one write may carry: coalescing saves a send per chunk under load.
+MAX_BATCH = 64
+#: Bound on every cleanup step that runs while cancelled.
+CLEANUP_TIMEOUT = 1.0
+
+_FAILURE_BY_REASON = {
+    "session_revoked": ApiError(409, "The session was revoked; the request was stopped.", code="session_revoked"),
+    "session_expired": ApiError(409, "The session expired; the request was stopped.", code="session_expired"),
+    "session_idle": ApiError(409, "The session ended; the request was stopped.", code="session_expired"),
+    "shutdown": ApiError(503, "The server is shutting down.", code="shutdown"),
+}
+
+
+@dataclass(frozen=True)
+class Deadlines:
+    """``first_event``: seconds until the agent's first reply; ``total``: the whole answer."""
+
+    first_event: float = math.inf
+    total: float = math.inf
+
+
+class ScopeObserver(Protocol):
+    """Who wants to know when scopes open and close (leak counts, metrics, audit)."""
+
+    def scope_opened(self, scope: RequestScope) -> None:
+        ...
+
+    def scope_closed(self, scope: RequestScope) -> None:
+        ...
+
+
+class RequestScope:
+    """Owns one model request from admission to its last byte; an async context manager.
+
+    ``async with scope:`` starts the tasks; :meth:`receive_batch` hands out events until the
+    request ends; leaving the block cancels whatever still runs and releases the session and
+    the rate reservation, whichever way the request ended.
+    """
+
+    def __init__(
+        self,
+        bridge: Bridge,
+        invoke: ModelInvoke,
+        *,
+        prompt_tokens: int,
+        admission: Admission | None = None,
+        deadlines: Deadlines = Deadlines(),
+        heartbeat_interval: float | None = None,
+        observer: ScopeObserver | None = None,
+    ) -> None:
+        self.bridge = bridge
+        self.invoke = invoke
+        self.admission = admission
+        self.reservation = admission.reservation if admission is not None else None
+        self.deadlines = deadlines
+        self.heartbeat_interval = heartbeat_interval
+        self._observer = observer
+        self.translator = ReplyTranslator(prompt_tokens)
+        self._send, self._receive = trio.open_memory_channel[Event](EVENT_BUFFER)
+        self._nursery_manager: trio._core._run.NurseryManager | None = None  # type: ignore[name-defined]
+        self._nursery: trio.Nursery | None = None
+        self._agent_scope = trio.CancelScope()
+        #: Why the request is being stopped, once something decides to stop it.
+        self.cancel_reason: str | None = None
+        self.started_at = 0.0
+        self.first_event_at: float | None = None
+        self.finished_at: float | None = None
+        #: "completed", "failed", "cancelled" (client went away), or a cancel reason.
+        self.outcome = "cancelled"
+        self._last_event_at = 0.0
+        self._closed = False
+
+    # -- lifetime ----------------------------------------------------------------------------
+
+    async def __aenter__(self) -> RequestScope:
+        self.started_at = self._last_event_at = trio.current_time()
+        self._agent_scope.deadline = self.started_at + min(
+            self.deadlines.first_event, self.deadlines.total
+        )
+        manager = trio.open_nursery()
+        nursery = await manager.__aenter__()
+        # No checkpoint from here to the return: the nursery is either fully set up or never
+        # entered, so __aexit__ (which closes it) always matches.
+        self._nursery_manager, self._nursery = manager, nursery
+        if self._observer is not None:
+            self._observer.scope_opened(self)
+        nursery.start_soon(self._agent_stream, self._send.clone())
+        if admission := self.admission:
+            nursery.start_soon(self._watchdog, admission.session)
+        if self.heartbeat_interval:
+            nursery.start_soon(self._heartbeat, self._send.clone(), self.heartbeat_interval)
+        self._send.close()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._nursery is not None and self._nursery_manager is not None
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await self._nursery_manager.__aexit__(exc_type, exc, tb)
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Release what the request held; synchronous, so it cannot be cancelled halfway."""
+        if self._closed:
+            return
+        self._closed = True
+        self._receive.close()
+        now = trio.current_time()
+        if self.finished_at is None:
+            self.finished_at = now
+        if self.admission is not None:
+            self.admission.release(now)
+        if self._observer is not None:
+            self._observer.scope_closed(self)
+
+    def cancel(self, reason: str) -> None:
+        """Stop the request for ``reason``; the client gets a terminal record saying why."""
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        self._agent_scope.cancel()
+
+    # -- what the response reads -------------------------------------------------------------
+
+    async def receive_batch(self) -> list[Event]:
+        """The next events (at least one, all that are ready); ``StopAsyncIteration`` at the end."""
+        try:
+            batch = [await self._receive.receive()]
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+        while len(batch) < MAX_BATCH:
+            try:
+                batch.append(self._receive.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        return batch
+
+    # -- tasks -------------------------------------------------------------------------------
+
+    async def _agent_stream(self, events: trio.MemorySendChannel[Event]) -> None:
+        call: Call | None = None
+        try:
+            async with events:
+                failure: ApiError | None = None
+                try:
+                    with self._agent_scope:
+                        try:
+                            call = await self.bridge.start_call(self.invoke)
+                        except NoAgent as error:
+                            failure = ApiError(503, str(error), code="no_agent")
+                        except Overloaded as error:
+                            failure = ApiError(503, str(error), code="overloaded")
+                        else:
+                            await self._relay(call, events)
+                    if self._agent_scope.cancelled_caught:
+                        failure = self._stopped_failure()
+                except Exception:
+                    # Headers may be out already: an error here must become a terminal record,
+                    # not an exception that truncates the client's chunked response.
+                    log.exception("request %s: internal error", self.invoke.id)
+                    failure = ApiError(500, "Internal error in trioprovider (see its log).", code="internal_error")
+                if failure is not None:
+                    self.outcome = self.cancel_reason or "failed"
+                    await events.send(Failed(failure))
+        finally:
+            if call is not None and not call.finished:
+                with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                    await call.cancel(self.cancel_reason or "client_disconnected")
+            self.finished_at = trio.current_time()
+            # The answer is complete: the watchdog and heartbeat have nothing left to guard.
+            if self._nursery is not None:
+                self._nursery.cancel_scope.cancel()
+
+    async def _relay(self, call: Call, events: trio.MemorySendChannel[Event]) -> None:
+        async for reply in call:
+            if self.first_event_at is None:
+                self.first_event_at = trio.current_time()
+                self._agent_scope.deadline = self.started_at + self.deadlines.total
+            for event in self.translator.feed(reply):
+                if isinstance(event, DeltaEvent) and self.reservation is not None:
+                    self.reservation.used = self.translator.completion_tokens
+                elif isinstance(event, Finished):
+                    self.outcome = "completed"
+                    if self.reservation is not None:
+                        self.reservation.used = event.usage.total_tokens
+                elif isinstance(event, Failed):
+                    self.outcome = "failed"
+                self._last_event_at = trio.current_time()
+                await events.send(event)
+
+    def _stopped_failure(self) -> ApiError:
+        reason = self.cancel_reason
+        if reason is None:
+            self.cancel_reason = "deadline"
+            which = "first token" if self.first_event_at is None else "whole answer"
+            return ApiError(504, f"The agent did not answer in time ({which} deadline).", code="timeout")
+        return _FAILURE_BY_REASON.get(reason) or ApiError(503, f"Request stopped: {reason}.", code=reason)
+
+    async def _watchdog(self, session: Session) -> None:
+        await session.ended.wait()
+        self.cancel(session.end_reason or "session_revoked")
+
+    async def _heartbeat(self, events: trio.MemorySendChannel[Event], interval: float) -> None:
+        async with events:
+            while True:
+                await trio.sleep_until(self._last_event_at + interval)
+                if trio.current_time() - self._last_event_at >= interval:
+                    self._last_event_at = trio.current_time()
+                    await events.send(Heartbeat())
+
+
+class WireEncoder(Protocol):
+    """Turns a request's events into the bytes of one wire format."""
+
+    def encode(self, events: list[Event]) -> bytes:
+        ...
+
+
+class StreamingBody(ResponseBody):
+    """A Quart response body that owns a :class:`RequestScope` for as long as it streams."""
+
+    def __init__(self, scope: RequestScope, encoder: WireEncoder) -> None:
+        self.scope = scope
+        self.encoder = encoder
+
+    async def __aenter__(self) -> StreamingBody:
+        await self.scope.__aenter__()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException], exc_value: BaseException, tb: TracebackType
+    ) -> None:
+        await self.scope.__aexit__(exc_type, exc_value, tb)
+
+    def __aiter__(self) -> StreamingBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while True:
+            data = self.encoder.encode(await self.scope.receive_batch())
+            if data:
+                return data

@@ -1,0 +1,265 @@
+"""The whole process at a glance: the nursery tree of ``python -m trioprovider``.
+
+::
+
+    trio.run(serve)
+    └── root nursery
+        ├── bridge hub on ws://127.0.0.1:8787     (embedded; or a RemoteBridge link to an external one)
+        │     └── per peer: reader, liveness pings; per relayed request: a relay task
+        ├── embedded agents                        (each a bridge peer over an in-process stream)
+        ├── session reaper                         (ends expired and idle sessions)
+        ├── HTTP: hypercorn.trio.serve(app)        (http://127.0.0.1:8788)
+        │     └── per connection → per request (quart-trio's nursery, cancelled on disconnect)
+        │           └── RequestScope nursery: agent stream · session watchdog · heartbeat
+        └── signal watcher                         (SIGINT/SIGTERM: drain; a second one: stop now)
+
+When the HTTP server returns (after a graceful drain) the root nursery is cancelled and every
+other task ends with it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import signal
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import partial
+
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from trioprovider.admission import Gate
+from trioprovider.agents.echo import EchoAgent
+from trioprovider.agents.runner import Agent, run_agent, serve_agent
+from trioprovider.app import Provider, ReleaseBackstop, create_app
+from trioprovider.auth import KeyRing
+from trioprovider.bridge.calls import Bridge
+from trioprovider.bridge.hub import BridgeHub
+from trioprovider.bridge.remote import RemoteBridge
+from trioprovider.bridge.server import serve_bridge
+from trioprovider.bridge.streams import local_stream_pair
+from trioprovider.config import Settings, hash_key, new_secret
+from trioprovider.ratelimit import RateLimiter
+from trioprovider.sessions import SessionStore
+
+log = logging.getLogger(__name__)
+
+AGENT_NAMES = ("echo",)
+
+
+class StartupError(Exception):
+    """The server cannot start as configured; ``str()`` is one line saying why."""
+
+
+@dataclass
+class Running:
+    """What a started server tells its caller (the CLI banner, tests)."""
+
+    provider: Provider
+    provider_url: str
+    bridge_url: str
+    bridge_token: str
+    #: The plain API key when one was generated for this run only (no key configured).
+    ephemeral_api_key: str | None
+    hub: BridgeHub | None
+    shutdown: trio.Event
+
+
+def make_agent(name: str, settings: Settings) -> Agent:
+    if name == "echo":
+        echo = settings.agents.echo
+        return EchoAgent(
+            tokens=echo.tokens,
+            delay=echo.delay_ms / 1000,
+            models=echo.models,
+            max_concurrency=echo.max_concurrency,
+        )
+    raise StartupError(f"unknown agent {name!r}; known agents: {', '.join(AGENT_NAMES)}")
+
+
+def check_bind(host: str, allow_non_loopback: bool) -> None:
+    if host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback and not allow_non_loopback:
+        raise StartupError(
+            f"provider.host: refusing to listen on {host!r}, which is not a loopback address; "
+            "set provider.allow_non_loopback = true to expose the server to the network"
+        )
+    if not loopback:
+        log.warning("LISTENING ON %s: any machine that can reach it can try your API keys", host)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(
+    settings: Settings,
+    *,
+    agents: Sequence[str] = (),
+    handle_signals: bool = False,
+    task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the provider until shut down: the root of the nursery tree above."""
+    check_bind(settings.provider.host, settings.provider.allow_non_loopback)
+    embedded_agents = [make_agent(name, settings) for name in (*settings.agents.embedded, *agents)]
+    bridge_token = settings.mcp.token or new_secret()
+    keys = KeyRing([(key.label, key.sha256) for key in settings.security.api_keys])
+    ephemeral_key = None
+    if not len(keys):
+        ephemeral_key = new_secret()
+        keys.add("ephemeral", hash_key(ephemeral_key))
+    sessions = SessionStore(
+        ttl=settings.security.session_ttl,
+        max_idle=settings.sessions.max_idle_time,
+        max_sessions=settings.security.max_sessions,
+    )
+    limits = settings.rate_limiting
+    limiter = RateLimiter(
+        requests_per_minute=limits.requests_per_minute,
+        tokens_per_minute=limits.tokens_per_minute,
+        burst=limits.burst_allowance,
+        enabled=limits.enabled,
+    )
+    shutdown = trio.Event()
+
+    async with trio.open_nursery() as root:
+        bridge: Bridge
+        hub: BridgeHub | None = None
+        if settings.mcp.embedded_bridge:
+            hub = BridgeHub(
+                token=bridge_token,
+                default_model=settings.provider.model_name,
+                queue_limit=settings.mcp.queue_limit,
+                heartbeat_interval=settings.mcp.heartbeat_interval,
+                hello_timeout=settings.mcp.connection_timeout,
+            )
+            url = urllib.parse.urlsplit(settings.mcp.bridge_url)
+            bridge_host = url.hostname or "127.0.0.1"
+            check_bind(bridge_host, settings.provider.allow_non_loopback)
+            bridge_port = await root.start(
+                partial(
+                    serve_bridge,
+                    hub,
+                    bridge_host,
+                    8787 if url.port is None else url.port,
+                    max_frame_bytes=settings.mcp.max_frame_bytes,
+                )
+            )
+            bridge_url = f"{url.scheme}://{_hostport(bridge_host, bridge_port)}"
+            bridge = hub
+            for agent in embedded_agents:
+                hub_end, agent_end = local_stream_pair(agent.agent_id, "bridge")
+                root.start_soon(hub.accept, hub_end)
+                root.start_soon(serve_agent, agent, agent_end, bridge_token)
+        else:
+            bridge_url = settings.mcp.bridge_url
+            remote = RemoteBridge(
+                url=bridge_url,
+                token=bridge_token,
+                provider_id=settings.mcp.agent_id,
+                default_model=settings.provider.model_name,
+                connection_timeout=settings.mcp.connection_timeout,
+                heartbeat_interval=settings.mcp.heartbeat_interval,
+                reconnect_attempts=settings.mcp.reconnect_attempts,
+                reconnect_delay=settings.mcp.reconnect_delay,
+                max_frame_bytes=settings.mcp.max_frame_bytes,
+            )
+            await root.start(remote.run)
+            bridge = remote
+            for agent in embedded_agents:
+                root.start_soon(
+                    partial(
+                        run_agent,
+                        agent,
+                        bridge_url,
+                        bridge_token,
+                        reconnect_delay=settings.mcp.reconnect_delay,
+                        heartbeat_interval=settings.mcp.heartbeat_interval,
+                        max_frame_bytes=settings.mcp.max_frame_bytes,
+                    )
+                )
+
+        provider = Provider(
+            settings=settings,
+            bridge=bridge,
+            keys=keys,
+            gate=Gate(sessions, limiter),
+            bridge_url=bridge_url,
+        )
+        root.start_soon(_reap_sessions, provider.gate, settings.sessions.cleanup_interval)
+        if handle_signals:
+            root.start_soon(_watch_signals, shutdown, root.cancel_scope)
+        binds = await root.start(_serve_http, provider, shutdown, root.cancel_scope)
+        task_status.started(
+            Running(
+                provider=provider,
+                provider_url=binds[0],
+                bridge_url=bridge_url,
+                bridge_token=bridge_token,
+                ephemeral_api_key=ephemeral_key,
+                hub=hub,
+                shutdown=shutdown,
+            )
+        )
+
+
+async def _serve_http(
+    provider: Provider,
+    shutdown: trio.Event,
+    root: trio.CancelScope,
+    *,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    settings = provider.settings.provider
+    config = hypercorn.config.Config()
+    config.bind = [_hostport(settings.host, settings.port)]
+    config.graceful_timeout = settings.graceful_timeout
+    # Clients send nothing while a stream runs: no read timeout may cut them off.
+    config.read_timeout = None
+    config.keep_alive_timeout = 75
+    config.include_server_header = False
+    config.accesslog = logging.getLogger("trioprovider.access") if provider.settings.logging.access_log else None
+    config.errorlog = logging.getLogger("trioprovider.http")
+
+    async def drain() -> None:
+        await shutdown.wait()
+        provider.draining = True
+        log.info("shutting down: finishing in-flight requests (up to %.0fs)", settings.graceful_timeout)
+
+    await hypercorn.trio.serve(
+        ReleaseBackstop(create_app(provider)),
+        config,
+        shutdown_trigger=drain,
+        task_status=task_status,
+    )
+    root.cancel()
+
+
+async def _reap_sessions(gate: Gate, interval: float) -> None:
+    while True:
+        await trio.sleep(interval)
+        now = trio.current_time()
+        ended = gate.sessions.purge(now)
+        gate.limiter.forget_full(now)
+        if ended:
+            log.debug("session reaper: %d sessions ended", ended)
+
+
+async def _watch_signals(shutdown: trio.Event, root: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            if shutdown.is_set():
+                log.warning("second signal: stopping now")
+                root.cancel()
+                return
+            log.info("%s received: draining", signal.Signals(signum).name)
+            shutdown.set()
+

@@ -1,0 +1,150 @@
+"""The OpenAI wire format: chat completion requests in, chunks (SSE) or one answer (JSON) out."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from trioprovider.errors import invalid_request
+from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat
+from trioprovider.protocol import ModelInvoke
+from trioprovider.wire.answer import Answer
+from trioprovider.wire.framing import SSE_DONE, SSE_KEEPALIVE, dumps, sse_record
+
+
+class Defaults(BaseModel):
+    """Server-side sampling defaults, for clients (Void) that send none."""
+
+    max_tokens: int = 2048
+    temperature: float = 0.7
+    top_p: float = 1.0
+
+
+class ChatMessage(BaseModel):
+    # Extra keys (name, tool_call_id, tool_calls, …) are kept and forwarded untouched.
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    # Unknown fields are tolerated, as OpenAI does (clients send vendor extensions).
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=8192)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1, le=8192)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+
+
+def parse_request(model: type[BaseModel], body: Any) -> Any:
+    """Validate a JSON body; a 400 naming the first bad field otherwise."""
+    if not isinstance(body, dict):
+        raise invalid_request("The request body must be a JSON object.")
+    try:
+        return model.model_validate(body)
+    except pydantic.ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise invalid_request(f"{where}: {first['msg']}", param=where or None) from None
+
+
+def chat_invoke(
+    request: ChatCompletionRequest,
+    raw_messages: list[dict[str, Any]],
+    *,
+    request_id: str,
+    session_id: str,
+    defaults: Defaults,
+) -> ModelInvoke:
+    """The ``model_invoke`` for a chat request. Messages go to the agent exactly as sent."""
+    if request.n not in (None, 1):
+        raise invalid_request("Only n=1 is supported.", param="n")
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    return ModelInvoke(
+        id=request_id,
+        session_id=session_id,
+        model=request.model,
+        kind="chat",
+        messages=raw_messages,
+        stream=request.stream,
+        max_tokens=request.max_completion_tokens or request.max_tokens or defaults.max_tokens,
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        top_p=defaults.top_p if request.top_p is None else request.top_p,
+        stop=stop or None,
+        tools=request.tools or None,
+        tool_choice=request.tool_choice,
+    )
+
+
+class ChatStreamEncoder:
+    """Events → ``chat.completion.chunk`` SSE records, ending with ``data: [DONE]``."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._head = dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
+        self._include_usage = include_usage
+        self._sent_role = False
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        body = dumps({"choices": choices, **extra})
+        return sse_record(self._head + b"," + body[1:])
+
+    def encode(self, events: list[Event]) -> bytes:
+        out = bytearray()
+        for event in events:
+            if isinstance(event, DeltaEvent):
+                delta = event.delta.model_dump(exclude_none=True)
+                if not self._sent_role:
+                    # OpenAI names the role in the first chunk only.
+                    delta = {"role": "assistant", **delta}
+                    self._sent_role = True
+                out += self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
+            elif isinstance(event, Finished):
+                delta = {} if self._sent_role else {"role": "assistant", "content": ""}
+                out += self._chunk([{"index": 0, "delta": delta, "finish_reason": event.finish_reason}])
+                if self._include_usage:
+                    out += self._chunk([], usage=event.usage.model_dump())
+                out += SSE_DONE
+            elif isinstance(event, Failed):
+                out += sse_record(dumps(event.error.openai_body())) + SSE_DONE
+            elif isinstance(event, Heartbeat):
+                out += SSE_KEEPALIVE
+        return bytes(out)
+
+
+def chat_completion(answer: Answer, completion_id: str, created: int, model: str) -> dict[str, Any]:
+    """The non-streamed ``chat.completion`` object."""
+    message: dict[str, Any] = {"role": "assistant", "content": answer.content}
+    if answer.reasoning:
+        message["reasoning_content"] = answer.reasoning
+    if answer.tool_calls:
+        message["tool_calls"] = answer.tool_calls
+        if not answer.content:
+            message["content"] = None
+    usage = answer.usage.model_dump() if answer.usage else None
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": answer.finish_reason or "stop"}],
+        "usage": usage,
+    }
+
