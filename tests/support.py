@@ -23,6 +23,8 @@ def make_settings(**overrides: Any) -> Settings:
         "mcp.agent_wait_timeout": 0.5,
         "security.api_keys": [{"label": "test", "sha256": hash_key(API_KEY)}],
         "logging.access_log": False,
+        # Hypercorn waits this long for connections it did not close itself (see the notes).
+        "provider.graceful_timeout": 1,
     }
     values.update(overrides)
     return load_settings(None, env={}, overrides=values)
@@ -48,3 +50,70 @@ def count_tasks() -> int:
                 yield from walk(child)
 
     return sum(1 for _ in walk(trio.lowlevel.current_root_task()))
+
+
+class RawHTTP:
+    """A bare HTTP/1.1 client on a trio socket: for tests that must hang up at an exact moment."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.received = b""
+
+    @classmethod
+    async def post(cls, base_url: str, path: str, body: bytes, api_key: str = API_KEY, headers: dict[str, str] | None = None) -> RawHTTP:
+        host, port = base_url.removeprefix("http://").rsplit(":", 1)
+        stream = await trio.open_tcp_stream(host, int(port))
+        lines = [
+            f"POST {path} HTTP/1.1",
+            f"Host: {host}:{port}",
+            f"Authorization: Bearer {api_key}",
+            "Content-Type: application/json",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *(f"{name}: {value}" for name, value in (headers or {}).items()),
+        ]
+        await stream.send_all("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
+        return cls(stream)
+
+    async def read_until(self, marker: bytes) -> bytes:
+        """Read until ``marker`` has arrived (or the server closed); everything so far."""
+        while marker not in self.received:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                break
+            self.received += data
+        return self.received
+
+    async def read_all(self) -> bytes:
+        """Read one whole response (by Content-Length or chunked framing; Hypercorn keeps the
+        connection open after it even when asked to close)."""
+        head = await self.read_until(b"\r\n\r\n")
+        header, _, _ = head.partition(b"\r\n\r\n")
+        lower = header.lower()
+        if b"transfer-encoding: chunked" in lower:
+            await self.read_until(b"\r\n0\r\n\r\n")
+        else:
+            length = int(lower.split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+            while len(self.received) - len(header) - 4 < length:
+                data = await self.stream.receive_some(65536)
+                if not data:
+                    break
+                self.received += data
+        return self.received
+
+    async def hang_up(self) -> float:
+        """Close the connection abruptly; returns the trio time it happened."""
+        await self.stream.aclose()
+        return trio.current_time()
+
+
+def chat_body(text: str = "hello there", model: str = "echo", stream: bool = True, **extra: Any) -> bytes:
+    import json
+
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": text}], "stream": stream, **extra}).encode()
+
+
+def sse_payloads(raw: bytes) -> list[bytes]:
+    """The ``data:`` payloads of an HTTP response carrying SSE (chunked framing stripped)."""
+    body = raw.split(b"\r\n\r\n", 1)[1]
+    return [line[len(b"data: "):] for line in body.split(b"\n") if line.startswith(b"data: ")]

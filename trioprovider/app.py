@@ -148,7 +148,7 @@ def create_app(provider: Provider) -> QuartTrio:
     app = QuartTrio("trioprovider")
     app.config["PROVIDER"] = provider
     app.config["MAX_CONTENT_LENGTH"] = provider.settings.provider.max_body_bytes
-    app.config["JSON_SORT_KEYS"] = False
+    app.json.sort_keys = False  # type: ignore[attr-defined]
     app.register_blueprint(health.blueprint)
     app.register_blueprint(openai.blueprint)
 

@@ -1,4 +1,4 @@
-"""Configuration: TOML file < environment < command line, validated once by pydantic.
+"""Configuration: defaults < TOML file < environment < command line, validated once by pydantic.
 
 A bad value stops start-up with one line naming the key (and the variable or flag it came
 from) and the problem: :class:`ConfigError`.
@@ -12,6 +12,7 @@ import os
 import re
 import secrets
 import tomllib
+import typing
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,26 +20,32 @@ from typing import Annotated, Any, Literal
 
 import pydantic
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 DEFAULT_PATH = Path("config/config.toml")
+#: Names the config file when no path is given (before falling back to DEFAULT_PATH).
+CONFIG_VAR = "LOCAL_PROVIDER_CONFIG"
+#: A plain API key for this process only: hashed into ``security.api_keys``, never written back.
+API_KEY_VAR = "LOCAL_PROVIDER_API_KEY"
 
 
 class ConfigError(Exception):
-    """A configuration problem; ``str()`` is one line naming the key."""
+    """A configuration problem; ``str()`` is one line naming the key and where it came from."""
 
 
 class _Section(BaseModel):
+    # A misspelt key would otherwise be silently ignored and its default used.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class ProviderSettings(_Section):
-    host: str = "127.0.0.1"
+    host: Annotated[str, Field(min_length=1)] = "127.0.0.1"
+    #: 0: any free port (tests).
     port: Annotated[int, Field(ge=0, le=65535)] = 8788
     #: The model name every agent can be asked for (VoidEditor users type it).
     model_name: Annotated[str, Field(min_length=1)] = "cursor-agent-local"
     debug: bool = False
-    #: Listening beyond loopback exposes the keys to the network: it must be asked for.
+    #: Listening beyond loopback exposes the service to the network: it must be asked for.
     allow_non_loopback: bool = False
     max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
     graceful_timeout: Annotated[float, Field(ge=0)] = 10.0
@@ -48,6 +55,9 @@ class ApiKey(_Section):
     label: Annotated[str, Field(min_length=1)]
     sha256: str
     created: str = ""
+
+    # Set on the key taken from LOCAL_PROVIDER_API_KEY so that saving never writes it back.
+    _from_env: bool = PrivateAttr(default=False)
 
     @field_validator("sha256")
     @classmethod
@@ -60,7 +70,7 @@ class ApiKey(_Section):
 class SecuritySettings(_Section):
     api_keys: list[ApiKey] = []
     admin_token: str = ""
-    session_ttl: Annotated[float, Field(gt=0)] = 300
+    session_ttl: Annotated[float, Field(gt=0)] = 300.0
     max_sessions: Annotated[int, Field(ge=1)] = 10
     allowed_origins: list[str] = ["http://127.0.0.1:*", "http://localhost:*", "vscode-file://vscode-app"]
     max_content_bytes: Annotated[int, Field(gt=0)] = 100 * 1024
@@ -76,6 +86,7 @@ class RateLimitSettings(_Section):
 
 class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    # The TOML key is ``json``; a field of that name would shadow ``BaseModel.json``.
     json_format: bool = Field(default=False, alias="json")
     file: str = "logs/provider.log"
     max_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
@@ -84,8 +95,6 @@ class LoggingSettings(_Section):
     log_prompts: bool = False
     audit_file: str = "logs/security_audit.log"
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
-
     @field_validator("level", mode="before")
     @classmethod
     def _upper(cls, value: object) -> object:
@@ -93,8 +102,8 @@ class LoggingSettings(_Section):
 
 
 class SessionSettings(_Section):
-    cleanup_interval: Annotated[float, Field(gt=0)] = 60
-    max_idle_time: Annotated[float, Field(gt=0)] = 300
+    cleanup_interval: Annotated[float, Field(gt=0)] = 60.0
+    max_idle_time: Annotated[float, Field(gt=0)] = 300.0
 
 
 class BridgeSettings(_Section):
@@ -102,26 +111,27 @@ class BridgeSettings(_Section):
     embedded_bridge: bool = True
     token: str = ""
     agent_id: str = "local-provider-1"
-    connection_timeout: Annotated[float, Field(gt=0)] = 30
-    heartbeat_interval: Annotated[float, Field(gt=0)] = 30
+    connection_timeout: Annotated[float, Field(gt=0)] = 30.0
+    heartbeat_interval: Annotated[float, Field(gt=0)] = 30.0
     reconnect_attempts: Annotated[int, Field(ge=0)] = 5
-    reconnect_delay: Annotated[float, Field(ge=0)] = 5
+    reconnect_delay: Annotated[float, Field(ge=0)] = 5.0
     #: How long a request waits for an agent to connect before a 503.
-    agent_wait_timeout: Annotated[float, Field(ge=0)] = 10
+    agent_wait_timeout: Annotated[float, Field(ge=0)] = 10.0
     max_frame_bytes: Annotated[int, Field(gt=0)] = 8 * 1024 * 1024
-    #: Requests that may wait while every agent for their model is at max_concurrency.
+    #: Requests that may wait per model while every agent for it is at max_concurrency.
     queue_limit: Annotated[int, Field(ge=0)] = 64
 
     @field_validator("bridge_url")
     @classmethod
     def _ws_url(cls, value: str) -> str:
+        # The embedded bridge binds to this host and port, so both must be explicit.
         url = urllib.parse.urlsplit(value)
-        if url.scheme not in ("ws", "wss") or not url.hostname:
-            raise ValueError("must be a ws:// or wss:// URL with a host, e.g. ws://127.0.0.1:8787")
         try:
-            url.port
+            port = url.port
         except ValueError:
-            raise ValueError("has an invalid port") from None
+            port = None
+        if url.scheme not in ("ws", "wss") or not url.hostname or port is None:
+            raise ValueError("must be ws://host:port or wss://host:port, e.g. ws://127.0.0.1:8787")
         return value
 
 
@@ -129,24 +139,25 @@ class ModelSettings(_Section):
     max_tokens: Annotated[int, Field(ge=1, le=8192)] = 2048
     temperature: Annotated[float, Field(ge=0, le=2)] = 0.7
     top_p: Annotated[float, Field(ge=0, le=1)] = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
+    # OpenAI's own bounds for these.
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] = 0.0
     stream_enabled: bool = True
 
 
 class PerformanceSettings(_Section):
     max_concurrent_requests: Annotated[int, Field(ge=1)] = 50
     #: Seconds until the agent's first reply (0: no limit).
-    request_timeout: Annotated[float, Field(ge=0)] = 30
+    request_timeout: Annotated[float, Field(ge=0)] = 30.0
     #: Seconds for the whole answer (0: no limit).
-    response_timeout: Annotated[float, Field(ge=0)] = 600
+    response_timeout: Annotated[float, Field(ge=0)] = 600.0
     #: SSE keep-alive comment after this many silent seconds.
-    heartbeat_interval: Annotated[float, Field(gt=0)] = 15
+    heartbeat_interval: Annotated[float, Field(gt=0)] = 15.0
 
 
 class EchoSettings(_Section):
     tokens: Annotated[int, Field(ge=1)] = 24
-    delay_ms: Annotated[float, Field(ge=0)] = 0
+    delay_ms: Annotated[float, Field(ge=0)] = 0.0
     models: Annotated[list[str], Field(min_length=1)] = ["echo"]
     max_concurrency: Annotated[int, Field(ge=1)] = 16
 
@@ -164,8 +175,10 @@ class OllamaSettings(_Section):
     @field_validator("listen")
     @classmethod
     def _host_port(cls, value: str) -> str:
-        if value and not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[A-Za-z0-9.\-]+):\d{1,5}", value):
-            raise ValueError("must be host:port, e.g. 127.0.0.1:11434")
+        if value:
+            match = re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.\-]+):(\d{1,5})", value)
+            if match is None or int(match[2]) > 65535:
+                raise ValueError("must be empty (off) or host:port, e.g. 127.0.0.1:11434")
         return value
 
 
@@ -181,21 +194,28 @@ class Settings(_Section):
     agents: AgentSettings = Field(default_factory=AgentSettings)
     ollama: OllamaSettings = Field(default_factory=OllamaSettings)
 
-    #: The file these settings were read from, if any (for the start-up banner).
-    _source: Path | None = pydantic.PrivateAttr(default=None)
+    _config_path: Path | None = PrivateAttr(default=None)
+
+    @property
+    def config_path(self) -> Path | None:
+        """The file these settings were read from; None when there was none."""
+        return self._config_path
 
     @property
     def source(self) -> str | None:
-        return str(self._source) if self._source else None
+        """``config_path`` as text, for the start-up banner."""
+        return None if self._config_path is None else str(self._config_path)
 
 
-#: Environment variables and the keys they set. ``LOCAL_PROVIDER_API_KEY`` is special: its plain
-#: key is hashed and added to ``security.api_keys`` (label ``env``), never kept in plain text.
+#: Every environment variable and the key it sets (values are parsed as pydantic's lax mode
+#: parses strings; a list is comma-separated). ``LOCAL_PROVIDER_API_KEY`` is the exception:
+#: its plain key is hashed and appended to ``security.api_keys`` with label ``env``.
 ENV_VARS: dict[str, str] = {
     "LOCAL_PROVIDER_HOST": "provider.host",
     "LOCAL_PROVIDER_PORT": "provider.port",
     "LOCAL_PROVIDER_MODEL_NAME": "provider.model_name",
     "LOCAL_PROVIDER_GRACEFUL_TIMEOUT": "provider.graceful_timeout",
+    API_KEY_VAR: "security.api_keys",
     "LOCAL_PROVIDER_ADMIN_TOKEN": "security.admin_token",
     "LOCAL_PROVIDER_SESSION_TTL": "security.session_ttl",
     "LOCAL_PROVIDER_MAX_SESSIONS": "security.max_sessions",
@@ -210,15 +230,15 @@ ENV_VARS: dict[str, str] = {
     "LOCAL_PROVIDER_ECHO_DELAY_MS": "agents.echo.delay_ms",
     "LOCAL_PROVIDER_OLLAMA_LISTEN": "ollama.listen",
 }
-API_KEY_VAR = "LOCAL_PROVIDER_API_KEY"
-CONFIG_VAR = "LOCAL_PROVIDER_CONFIG"
 
 
 def hash_key(key: str) -> str:
+    """The SHA-256 hex digest under which an API key is stored and compared."""
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_secret() -> str:
+    """A fresh API key or token."""
     return secrets.token_urlsafe(32)
 
 
@@ -227,107 +247,157 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
 ) -> Settings:
-    """Defaults < the TOML file < environment < ``overrides`` (dotted keys, from flags)."""
+    """Read, merge and validate the settings; raise :class:`ConfigError` on the first problem.
+
+    ``path`` None means ``$LOCAL_PROVIDER_CONFIG``, else ``config/config.toml`` if it exists,
+    else defaults only. ``overrides`` maps dotted keys to values (from flags); None is ignored.
+    """
     env = os.environ if env is None else env
     if path is None and env.get(CONFIG_VAR):
         path = Path(env[CONFIG_VAR])
-        explicit = True
-    else:
-        explicit = path is not None
-        path = path if path is not None else DEFAULT_PATH
-    data: dict[str, Any] = {}
-    origin: dict[str, str] = {}  # dotted key -> where its value came from, for error messages
-    source: Path | None = None
-    if path.exists():
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-            raise ConfigError(f"{path}: invalid TOML: {error}") from None
-        except OSError as error:
-            raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
-        source = path
-    elif explicit:
-        raise ConfigError(f"{path}: no such config file (run 'python -m trioprovider init')")
+    if path is None:
+        path = DEFAULT_PATH if DEFAULT_PATH.exists() else None
+    elif not path.exists():
+        raise ConfigError(f"{path}: no such config file (create one with 'python -m trioprovider init')")
+    data = _read_toml(path) if path is not None else {}
+
+    # Dotted key -> the variable that set it, or None for the command line: for error messages.
+    origin: dict[str, str | None] = {}
     for variable, key in ENV_VARS.items():
-        if variable in env:
-            _set(data, key, env[variable])
-            origin[key] = f"{variable} ({key})"
+        if variable in env and variable != API_KEY_VAR and _set(data, key, env[variable]):
+            origin[key] = variable
     for key, value in (overrides or {}).items():
-        if value is not None:
-            _set(data, key, value)
-            origin[key] = f"{key} (command line)"
-    plain_key = env.get(API_KEY_VAR)
-    if plain_key:
-        security = data.setdefault("security", {})
-        keys = list(security.get("api_keys", []))
-        keys.append({"label": "env", "sha256": hash_key(plain_key)})
-        security["api_keys"] = keys
+        if value is not None and _set(data, key, value):
+            origin[key] = None
+    plain_key = env.get(API_KEY_VAR, "")
+    env_key = plain_key != "" and _add_key(data, {"label": "env", "sha256": hash_key(plain_key)})
+
     try:
         settings = Settings.model_validate(data)
     except pydantic.ValidationError as error:
-        raise ConfigError(_describe(error, origin, source)) from None
-    settings._source = source
+        raise ConfigError(_describe(error, origin, path)) from None
+    if env_key:
+        settings.security.api_keys[-1]._from_env = True
+    settings._config_path = path
     return settings
 
 
-def _set(data: dict[str, Any], dotted: str, value: object) -> None:
-    *sections, leaf = dotted.split(".")
-    node = data
-    for section in sections:
-        node = node.setdefault(section, {})
-    if isinstance(value, str) and leaf in ("models", "embedded", "allowed_origins"):
-        value = [part.strip() for part in value.split(",") if part.strip()]
-    node[leaf] = value
-
-
-def _describe(error: pydantic.ValidationError, origin: Mapping[str, str], source: Path | None) -> str:
-    first = error.errors(include_url=False)[0]
-    key = ".".join(str(part) for part in first["loc"])
-    problem = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
-    where = origin.get(key)
-    if where is None:
-        where = f"{source}: {key}" if source else key
-    return f"{where}: {problem}"
-
-
-def _toml_data(settings: Settings) -> dict[str, Any]:
-    data = settings.model_dump(by_alias=True, exclude_none=True)
-    # A key from the environment lives only for that process; never write it back.
-    data["security"]["api_keys"] = [key for key in data["security"]["api_keys"] if key["label"] != "env"]
-    return data
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` readable by its owner only, from the first byte on."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.chmod(path, 0o600)
-    with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-        file.write(text)
-
-
 def save_settings(path: Path, settings: Settings) -> None:
-    _write_private(path, tomli_w.dumps(_toml_data(settings)))
+    """Write ``settings`` to ``path`` (mode 0600), without the key taken from the environment."""
+    _write_private(path, tomli_w.dumps(_toml_data(settings)), replace=True)
 
 
 def write_initial_config(path: Path, *, force: bool = False) -> tuple[str, str]:
-    """Write a full config with a fresh API key (stored hashed), bridge token and admin token.
+    """Write every setting at its default plus a fresh API key (hashed), bridge and admin token.
 
-    Returns the plain API key (to show once) and the bridge token.
+    Returns the plain API key (to show once; only its hash is stored) and the bridge token.
     """
-    if path.exists() and not force:
-        raise ConfigError(f"{path} exists; use --force to replace it")
     api_key = new_secret()
     bridge_token = new_secret()
-    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     settings = Settings()
     settings.security.api_keys = [ApiKey(label="default", sha256=hash_key(api_key), created=created)]
     settings.security.admin_token = new_secret()
     settings.mcp.token = bridge_token
     header = (
         "# trioprovider configuration, written by 'python -m trioprovider init'.\n"
-        "# Secrets: keep this file private (mode 0600). API keys are stored as SHA-256 hashes only.\n"
-        "# Every key is documented in config/config.example.toml.\n\n"
+        "# Keep it private (mode 0600): it holds the bridge and admin tokens. API keys are stored\n"
+        "# as SHA-256 hashes only. Every key is explained in config/config.example.toml.\n\n"
     )
-    _write_private(path, header + tomli_w.dumps(_toml_data(settings)))
+    _write_private(path, header + tomli_w.dumps(_toml_data(settings)), replace=force)
     return api_key, bridge_token
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: invalid TOML: {error}") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror or error}") from None
+
+
+def _set(data: dict[str, Any], dotted: str, value: object) -> bool:
+    """Set ``data[a][b]... = value``; False if a table on the way is not one (validation says so)."""
+    *sections, leaf = dotted.split(".")
+    node = data
+    for section in sections:
+        node = node.setdefault(section, {})
+        if not isinstance(node, dict):
+            return False
+    if isinstance(value, str) and _is_list(dotted):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    node[leaf] = value
+    return True
+
+
+def _add_key(data: dict[str, Any], key: dict[str, str]) -> bool:
+    """Append ``key`` to ``security.api_keys``; False if those are malformed (validation says so)."""
+    security = data.setdefault("security", {})
+    keys = security.setdefault("api_keys", []) if isinstance(security, dict) else None
+    if not isinstance(keys, list):
+        return False
+    security["api_keys"] = [*keys, key]  # a copy: the list may be the caller's (an override)
+    return True
+
+
+def _is_list(dotted: str) -> bool:
+    model: type[BaseModel] = Settings
+    *sections, leaf = dotted.split(".")
+    for section in sections:
+        field = model.model_fields.get(section)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return False
+        model = field.annotation
+    field = model.model_fields.get(leaf)
+    return field is not None and typing.get_origin(field.annotation) is list
+
+
+def _describe(error: pydantic.ValidationError, origin: Mapping[str, str | None], path: Path | None) -> str:
+    first = error.errors(include_url=False)[0]
+    loc = first["loc"]
+    key = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+    if first["type"] == "extra_forbidden":
+        problem = "unknown key"
+    else:
+        problem = " ".join(first["msg"].removeprefix("Value error, ").split())
+    # The error may lie inside a value that was set whole (a list from a flag, say).
+    for end in range(len(loc), 0, -1):
+        prefix = ".".join(str(part) for part in loc[:end])
+        if prefix in origin:
+            variable = origin[prefix]
+            where = f"{key} (command line)" if variable is None else f"{variable} ({key})"
+            return f"{where}: {problem}"
+    return f"{path}: {key}: {problem}" if path is not None else f"{key}: {problem}"
+
+
+def _toml_data(settings: Settings) -> dict[str, Any]:
+    data = settings.model_dump(by_alias=True)
+    # A key from the environment lives only as long as its process: never write it back.
+    data["security"]["api_keys"] = [
+        dumped
+        for key, dumped in zip(settings.security.api_keys, data["security"]["api_keys"], strict=True)
+        if not key._from_env
+    ]
+    return data
+
+
+def _write_private(path: Path, text: str, *, replace: bool) -> None:
+    """Write ``text`` to ``path``, readable by its owner only from the first byte on."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(path, flags, 0o600)
+    except FileExistsError:
+        # O_EXCL: no window between checking for the file and creating it.
+        raise ConfigError(f"{path} exists; use --force to replace it") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot write: {error.strerror or error}") from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            # The mode given to os.open only applies to a new file; an old one may be wider.
+            os.fchmod(file.fileno(), 0o600)
+            file.write(text)
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot write: {error.strerror or error}") from None

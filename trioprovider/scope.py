@@ -102,6 +102,7 @@ class RequestScope:
         self._nursery_manager: trio._core._run.NurseryManager | None = None  # type: ignore[name-defined]
         self._nursery: trio.Nursery | None = None
         self._agent_scope = trio.CancelScope()
+        self._guard_scope = trio.CancelScope()
         #: Why the request is being stopped, once something decides to stop it.
         self.cancel_reason: str | None = None
         self.started_at = 0.0
@@ -127,10 +128,8 @@ class RequestScope:
         if self._observer is not None:
             self._observer.scope_opened(self)
         nursery.start_soon(self._agent_stream, self._send.clone())
-        if admission := self.admission:
-            nursery.start_soon(self._watchdog, admission.session)
-        if self.heartbeat_interval:
-            nursery.start_soon(self._heartbeat, self._send.clone(), self.heartbeat_interval)
+        if self.admission is not None or self.heartbeat_interval:
+            nursery.start_soon(self._guard, self._send.clone() if self.heartbeat_interval else None)
         self._send.close()
         return self
 
@@ -215,8 +214,9 @@ class RequestScope:
                     await call.cancel(self.cancel_reason or "client_disconnected")
             self.finished_at = trio.current_time()
             # The answer is complete: the watchdog and heartbeat have nothing left to guard.
-            if self._nursery is not None:
-                self._nursery.cancel_scope.cancel()
+            # (Not the nursery's own scope: the request task reading the events runs inside it
+            # until __aexit__, and cancelling it would cut off the events still buffered.)
+            self._guard_scope.cancel()
 
     async def _relay(self, call: Call, events: trio.MemorySendChannel[Event]) -> None:
         async for reply in call:
@@ -242,6 +242,16 @@ class RequestScope:
             which = "first token" if self.first_event_at is None else "whole answer"
             return ApiError(504, f"The agent did not answer in time ({which} deadline).", code="timeout")
         return _FAILURE_BY_REASON.get(reason) or ApiError(503, f"Request stopped: {reason}.", code=reason)
+
+    async def _guard(self, events: trio.MemorySendChannel[Event] | None) -> None:
+        with self._guard_scope:
+            async with trio.open_nursery() as guards:
+                if self.admission is not None:
+                    guards.start_soon(self._watchdog, self.admission.session)
+                if events is not None and self.heartbeat_interval:
+                    guards.start_soon(self._heartbeat, events, self.heartbeat_interval)
+        if events is not None:
+            events.close()
 
     async def _watchdog(self, session: Session) -> None:
         await session.ended.wait()

@@ -1,7 +1,7 @@
 """The echo reference agent: deterministic answers for tests, demos and benchmarks.
 
 It answers with the words of the request (the last user message, or the completion prompt)
-repeated to ``tokens`` tokens, one word per stream chunk, ``delay`` seconds apart, so a test can
+repeated to ``tokens`` tokens, one word per stream chunk, each after ``delay`` seconds, so a test can
 predict every byte with :func:`echo_text`.
 """
 
@@ -66,8 +66,8 @@ class EchoAgent:
         finish_reason = "length" if count < self.tokens else "stop"
         tokens = echo_tokens(echo_source(invoke), count)
         try:
-            for index, token in enumerate(tokens):
-                if self.delay and index:
+            for token in tokens:
+                if self.delay:
                     await trio.sleep(self.delay)
                 await out.text(token)
         except trio.Cancelled:
