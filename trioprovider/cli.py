@@ -80,9 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "bridge":
             trio.run(_run_bridge, settings)
         else:
-            from trioprovider.server import StartupError
+            from trioprovider.server import StartupError, preflight
 
             try:
+                preflight(settings, args.agent)
                 trio.run(_run_server, settings, args.agent)
             except StartupError as error:
                 raise ConfigError(str(error)) from None

@@ -96,6 +96,15 @@ def check_bind(host: str, allow_non_loopback: bool) -> None:
         log.warning("LISTENING ON %s: any machine that can reach it can try your API keys", host)
 
 
+def preflight(settings: Settings, agents: Sequence[str] = ()) -> list[Agent]:
+    """Check what can be checked before any task starts; the embedded agents to run."""
+    check_bind(settings.provider.host, settings.provider.allow_non_loopback)
+    if settings.mcp.embedded_bridge:
+        bridge_host = urllib.parse.urlsplit(settings.mcp.bridge_url).hostname or "127.0.0.1"
+        check_bind(bridge_host, settings.provider.allow_non_loopback)
+    return [make_agent(name, settings) for name in (*settings.agents.embedded, *agents)]
+
+
 def _hostport(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -108,8 +117,7 @@ async def serve(
     task_status: trio.TaskStatus[Running] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the provider until shut down: the root of the nursery tree above."""
-    check_bind(settings.provider.host, settings.provider.allow_non_loopback)
-    embedded_agents = [make_agent(name, settings) for name in (*settings.agents.embedded, *agents)]
+    embedded_agents = preflight(settings, agents)
     bridge_token = settings.mcp.token or new_secret()
     keys = KeyRing([(key.label, key.sha256) for key in settings.security.api_keys])
     ephemeral_key = None
@@ -143,7 +151,6 @@ async def serve(
             )
             url = urllib.parse.urlsplit(settings.mcp.bridge_url)
             bridge_host = url.hostname or "127.0.0.1"
-            check_bind(bridge_host, settings.provider.allow_non_loopback)
             bridge_port = await root.start(
                 partial(
                     serve_bridge,

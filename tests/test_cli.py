@@ -1,0 +1,115 @@
+"""The commands a user types, run as real processes: init, serve (with --agent), agent, bridge."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import openai
+import pytest
+import trio
+
+from trioprovider.agents.echo import echo_text
+
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("LOCAL_PROVIDER_")}
+
+
+async def read_banner(process: trio.Process, until: str) -> str:
+    """Read the process's stdout until a line containing ``until`` arrives."""
+    assert process.stdout is not None
+    text = ""
+    with trio.fail_after(30):
+        while until not in text:
+            data = await process.stdout.receive_some(4096)
+            assert data, f"process ended before printing {until!r}: {text}"
+            text += data.decode()
+    return text
+
+
+def test_init_writes_a_private_config_with_a_hashed_key(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "trioprovider", "init"], cwd=tmp_path, env=ENV, capture_output=True, text=True, check=True)
+    config = tmp_path / "config" / "config.toml"
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    key = re.search(r"API key \(shown once; only its hash is stored\): (\S+)", out.stdout).group(1)  # type: ignore[union-attr]
+    text = config.read_text()
+    assert key not in text
+    import hashlib
+
+    assert hashlib.sha256(key.encode()).hexdigest() in text
+    again = subprocess.run([sys.executable, "-m", "trioprovider", "init"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+def test_a_bad_config_value_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    bad = subprocess.run([sys.executable, "-m", "trioprovider"], cwd=tmp_path, env={**ENV, "LOCAL_PROVIDER_PORT": "eighty"}, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0
+    assert "LOCAL_PROVIDER_PORT (provider.port)" in bad.stderr
+    exposed = subprocess.run([sys.executable, "-m", "trioprovider", "--host", "0.0.0.0"], cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=60)
+    assert exposed.returncode == 2 and "not a loopback address" in exposed.stderr
+
+
+async def test_one_command_demo_then_sigterm_exits_cleanly(tmp_path: Path) -> None:
+    env = {**ENV, "LOCAL_PROVIDER_PORT": "0", "LOCAL_PROVIDER_BRIDGE_URL": "ws://127.0.0.1:0", "LOCAL_PROVIDER_ECHO_TOKENS": "4"}
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, "-m", "trioprovider", "--agent", "echo"], cwd=str(tmp_path), env=env,
+                stdout=subprocess.PIPE, check=False, task_status=task_status,
+            )
+        )
+        banner = await read_banner(process, "Ctrl+C")
+        url = re.search(r"OpenAI API\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        key = re.search(r"API key\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        assert "echo" in re.search(r"models\s+(.*)", banner).group(1)  # type: ignore[union-attr]
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+        answer = await trio.to_thread.run_sync(lambda: client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "ping pong"}]))
+        assert answer.choices[0].message.content == echo_text("ping pong", 4)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            await process.wait()
+        assert process.returncode == 0
+
+
+async def test_second_terminal_agent_with_a_config_from_init(tmp_path: Path) -> None:
+    init = subprocess.run([sys.executable, "-m", "trioprovider", "init"], cwd=tmp_path, env=ENV, capture_output=True, text=True, check=True)
+    key = re.search(r"stored\): (\S+)", init.stdout).group(1)  # type: ignore[union-attr]
+    env = {**ENV, "LOCAL_PROVIDER_PORT": "0", "LOCAL_PROVIDER_BRIDGE_URL": "ws://127.0.0.1:0"}
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, "-m", "trioprovider"], cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, check=False, task_status=task_status
+            )
+        )
+        banner = await read_banner(server, "Ctrl+C")
+        assert "no agent connected yet" in banner
+        assert "reads the bridge token from the config" in banner
+        url = re.search(r"OpenAI API\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        bridge = re.search(r"bridge\s+(ws://\S+)", banner).group(1)  # type: ignore[union-attr]
+        agent = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, "-m", "trioprovider", "agent", "echo", "--bridge-url", bridge, "--tokens", "3"],
+                cwd=str(tmp_path), env=ENV, check=False, task_status=task_status,
+            )
+        )
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+        answer = await trio.to_thread.run_sync(lambda: client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}]))
+        assert answer.choices[0].message.content == "a b a"
+        agent.send_signal(signal.SIGINT)
+        server.send_signal(signal.SIGINT)
+        with trio.fail_after(15):
+            await server.wait()
+            await agent.wait()
+        assert server.returncode == 0
+
+
+@pytest.mark.parametrize("argv", [["schema"]])
+def test_schema_command_prints_the_committed_schema(argv: list[str]) -> None:
+    out = subprocess.run([sys.executable, "-m", "trioprovider", *argv], env=ENV, capture_output=True, text=True, check=True)
+    committed = (Path(__file__).parent.parent / "docs" / "bridge-protocol.schema.json").read_text()
+    assert out.stdout == committed
