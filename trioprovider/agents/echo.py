@@ -57,7 +57,8 @@ class EchoAgent:
             for name in (models or ["echo"])
         ]
         self.max_concurrency = max_concurrency
-        #: (request id, trio.current_time()) of every request cancelled mid-answer.
+        #: (request id, trio.current_time()) of every request cancelled mid-answer; the event is
+        #: set at the first one.
         self.cancelled: list[tuple[str, float]] = []
         self.cancel_arrived = trio.Event()
 
@@ -73,7 +74,6 @@ class EchoAgent:
         except trio.Cancelled:
             self.cancelled.append((invoke.id, trio.current_time()))
             self.cancel_arrived.set()
-            self.cancel_arrived = trio.Event()
             raise
         text = "".join(tokens)
         prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)

@@ -1,0 +1,156 @@
+"""RequestScope on Trio's MockClock, with the echo agent over in-memory streams: deadlines, the
+session watchdog, heartbeats and release of the admission, deterministically."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from trioprovider.admission import Gate
+from trioprovider.agents.echo import EchoAgent
+from trioprovider.agents.runner import serve_agent
+from trioprovider.auth import Principal
+from trioprovider.bridge.hub import BridgeHub
+from trioprovider.bridge.streams import local_stream_pair
+from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat
+from trioprovider.protocol import ModelInvoke
+from trioprovider.ratelimit import RateLimiter
+from trioprovider.scope import Deadlines, RequestScope
+from trioprovider.sessions import SessionStore
+
+TOKEN = "t"
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def gate() -> Gate:
+    return Gate(
+        SessionStore(ttl=300, max_idle=300, max_sessions=10),
+        RateLimiter(requests_per_minute=60, tokens_per_minute=10_000, burst=10),
+    )
+
+
+async def run_scope(scope: RequestScope) -> list[Event]:
+    events: list[Event] = []
+    async with scope:
+        while True:
+            try:
+                events += await scope.receive_batch()
+            except StopAsyncIteration:
+                return events
+
+
+def invoke(request_id: str = "r") -> ModelInvoke:
+    return ModelInvoke(id=request_id, session_id="s", model="echo", messages=[{"role": "user", "content": "a b"}])
+
+
+async def with_agent(nursery: trio.Nursery, agent: EchoAgent) -> BridgeHub:
+    hub = BridgeHub(token=TOKEN, default_model="d")
+    hub_end, agent_end = local_stream_pair()
+    nursery.start_soon(hub.accept, hub_end)
+    nursery.start_soon(serve_agent, agent, agent_end, TOKEN)
+    await hub.wait_for_agents(1)
+    return hub
+
+
+async def test_complete_answer_releases_the_admission(autojump_clock: trio.testing.MockClock) -> None:
+    g = gate()
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, EchoAgent(tokens=3, delay=1))
+        admission = g.admit(Principal("k", "c"), None, 500, trio.current_time())
+        scope = RequestScope(hub, invoke(), prompt_tokens=4, admission=admission)
+        events = await run_scope(scope)
+        assert [type(e) for e in events] == [DeltaEvent, DeltaEvent, DeltaEvent, Finished]
+        assert scope.outcome == "completed"
+        assert admission.released and g.sessions.active_requests == 0
+        assert g.limiter.open_reservations == 0
+        # The unused part of the 500 reserved tokens went back to the bucket.
+        assert admission.reservation.used == events[-1].usage.total_tokens  # type: ignore[union-attr]
+        nursery.cancel_scope.cancel()
+
+
+async def test_first_token_deadline_ends_with_504_and_cancels_the_agent(autojump_clock: trio.testing.MockClock) -> None:
+    agent = EchoAgent(tokens=3, delay=100)
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, agent)
+        scope = RequestScope(hub, invoke(), prompt_tokens=1, deadlines=Deadlines(first_event=5, total=60))
+        start = trio.current_time()
+        events = await run_scope(scope)
+        assert trio.current_time() - start == pytest.approx(5, abs=0.01)
+        assert len(events) == 1 and isinstance(events[0], Failed)
+        assert events[0].error.status == 504 and "first token" in events[0].error.message
+        assert scope.cancel_reason == "deadline"
+        await agent.cancel_arrived.wait()
+        assert hub.in_flight() == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_whole_answer_deadline_cuts_a_long_answer(autojump_clock: trio.testing.MockClock) -> None:
+    agent = EchoAgent(tokens=100, delay=1)
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, agent)
+        scope = RequestScope(hub, invoke(), prompt_tokens=1, deadlines=Deadlines(first_event=5, total=10.5))
+        events = await run_scope(scope)
+        assert sum(isinstance(e, DeltaEvent) for e in events) == 10
+        assert isinstance(events[-1], Failed) and "whole answer" in events[-1].error.message
+        await agent.cancel_arrived.wait()
+        nursery.cancel_scope.cancel()
+
+
+async def test_revoking_the_session_ends_the_stream_and_cancels_the_agent(autojump_clock: trio.testing.MockClock) -> None:
+    g = gate()
+    agent = EchoAgent(tokens=100, delay=1)
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, agent)
+        admission = g.admit(Principal("k", "c"), None, 10, trio.current_time())
+        scope = RequestScope(hub, invoke(), prompt_tokens=1, admission=admission)
+
+        async def revoke_later() -> None:
+            await trio.sleep(3.5)
+            assert g.sessions.revoke(admission.session.id)
+
+        nursery.start_soon(revoke_later)
+        events = await run_scope(scope)
+        assert sum(isinstance(e, DeltaEvent) for e in events) == 3
+        assert isinstance(events[-1], Failed) and events[-1].error.code == "session_revoked"
+        await agent.cancel_arrived.wait()
+        assert admission.released
+        nursery.cancel_scope.cancel()
+
+
+async def test_heartbeats_while_the_agent_is_silent(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, EchoAgent(tokens=1, delay=50))
+        scope = RequestScope(hub, invoke(), prompt_tokens=1, heartbeat_interval=15)
+        events = await run_scope(scope)
+        # Silent for 50 s: a heartbeat at 15, 30 and 45, then the answer.
+        assert [type(e) for e in events] == [Heartbeat, Heartbeat, Heartbeat, DeltaEvent, Finished]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_consumer_that_leaves_cancels_the_agent(autojump_clock: trio.testing.MockClock) -> None:
+    g = gate()
+    agent = EchoAgent(tokens=100, delay=1)
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, agent)
+        admission = g.admit(Principal("k", "c"), None, 10, trio.current_time())
+        scope = RequestScope(hub, invoke(), prompt_tokens=1, admission=admission)
+        with trio.move_on_after(2.5):  # the client disconnects: its task is cancelled
+            await run_scope(scope)
+        await agent.cancel_arrived.wait()
+        assert scope.outcome == "cancelled"
+        assert hub.in_flight() == 0 and admission.released and g.limiter.open_reservations == 0
+        nursery.cancel_scope.cancel()
+
+
+async def test_no_agent_for_the_model_is_a_503_record(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, EchoAgent())
+        bad = ModelInvoke(id="r", session_id="s", model="other", messages=[])
+        events = await run_scope(RequestScope(hub, bad, prompt_tokens=1))
+        assert isinstance(events[0], Failed) and events[0].error.status == 503
+        nursery.cancel_scope.cancel()
