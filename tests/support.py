@@ -23,8 +23,6 @@ def make_settings(**overrides: Any) -> Settings:
         "mcp.agent_wait_timeout": 0.5,
         "security.api_keys": [{"label": "test", "sha256": hash_key(API_KEY)}],
         "logging.access_log": False,
-        # Hypercorn waits this long for connections it did not close itself (see the notes).
-        "provider.graceful_timeout": 1,
     }
     values.update(overrides)
     return load_settings(None, env={}, overrides=values)
@@ -85,8 +83,7 @@ class RawHTTP:
         return self.received
 
     async def read_all(self) -> bytes:
-        """Read one whole response (by Content-Length or chunked framing; Hypercorn keeps the
-        connection open after it even when asked to close)."""
+        """Read one whole response (by Content-Length or chunked framing)."""
         head = await self.read_until(b"\r\n\r\n")
         header, _, _ = head.partition(b"\r\n\r\n")
         lower = header.lower()

@@ -356,3 +356,17 @@ async def test_nothing_is_left_behind_after_200_requests_with_random_disconnects
         running.shutdown.set()
 
 
+
+
+async def test_connection_close_is_honoured_and_shutdown_does_not_wait_for_idle_clients() -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, make_settings(**{"provider.graceful_timeout": 30}), agents=("echo",))
+        http = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body())
+        await http.read_all()
+        with trio.fail_after(5):
+            assert await http.stream.receive_some(1) == b""  # the server closed, as asked
+        client = openai_client(running)
+        await in_thread(client.models.list)  # leaves an idle keep-alive connection open
+        started = trio.current_time()
+        running.shutdown.set()
+    assert trio.current_time() - started < 5

@@ -22,7 +22,10 @@ from trioprovider.config import Settings
 from trioprovider.errors import ApiError, invalid_request, model_not_found, no_agent, unauthorized
 from trioprovider.scope import RequestScope
 
-#: Admissions taken while handling the current HTTP request (see :class:`ReleaseBackstop`).
+#: Admissions taken while handling the current HTTP request (see :class:`RequestGuard`).
+#: Bound on finishing an HTTP exchange once its last byte is ready.
+CLOSE_TIMEOUT = 5.0
+
 _admissions: ContextVar[list[Admission] | None] = ContextVar("trioprovider_admissions", default=None)
 
 
@@ -116,12 +119,16 @@ def error_response(error: ApiError) -> Response:
     return response
 
 
-class ReleaseBackstop:
-    """ASGI wrapper: release the admissions of an HTTP request when it is over, whatever happened.
+class RequestGuard:
+    """ASGI wrapper around the Quart app that makes each HTTP request end cleanly.
 
-    A RequestScope releases its admission when it closes; but a client can leave after the view
-    returned and before the response body was entered, and then no scope ever opens. This
-    wrapper spans the whole request, so it catches that case too (release is idempotent).
+    - Releases the admissions a request took, whatever happened: a RequestScope releases its
+      admission when it closes, but a client can leave after the view returned and before the
+      body was entered, and then no scope ever opens (release is idempotent).
+    - Shields the last body message. Hypercorn handles it by finishing the HTTP exchange, which
+      tells the app ``http.disconnect``; quart-trio reacts by cancelling the request's nursery,
+      which would cancel that very send halfway: the connection was then neither closed (for
+      ``Connection: close``) nor put back to idle, and shutdown waited out its whole timeout.
     """
 
     def __init__(self, app: Quart) -> None:
@@ -131,10 +138,18 @@ class ReleaseBackstop:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+
+        async def send_last_shielded(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
+                    await send(message)
+            else:
+                await send(message)
+
         held: list[Admission] = []
         token = _admissions.set(held)
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_last_shielded)
         finally:
             _admissions.reset(token)
             now = trio.current_time()

@@ -34,7 +34,7 @@ import trio
 from trioprovider.admission import Gate
 from trioprovider.agents.echo import EchoAgent
 from trioprovider.agents.runner import Agent, run_agent, serve_agent
-from trioprovider.app import Provider, ReleaseBackstop, create_app
+from trioprovider.app import Provider, RequestGuard, create_app
 from trioprovider.auth import KeyRing
 from trioprovider.bridge.calls import Bridge
 from trioprovider.bridge.hub import BridgeHub
@@ -242,7 +242,7 @@ async def _serve_http(
         log.info("shutting down: finishing in-flight requests (up to %.0fs)", settings.graceful_timeout)
 
     await hypercorn.trio.serve(
-        ReleaseBackstop(create_app(provider)),
+        RequestGuard(create_app(provider)),
         config,
         shutdown_trigger=drain,
         task_status=task_status,
