@@ -113,3 +113,33 @@ def test_schema_command_prints_the_committed_schema(argv: list[str]) -> None:
     out = subprocess.run([sys.executable, "-m", "trioprovider", *argv], env=ENV, capture_output=True, text=True, check=True)
     committed = (Path(__file__).parent.parent / "docs" / "bridge-protocol.schema.json").read_text()
     assert out.stdout == committed
+
+
+async def test_bridge_alone_with_provider_and_agent_as_three_processes(tmp_path: Path) -> None:
+    env = {**ENV, "LOCAL_PROVIDER_BRIDGE_TOKEN": "three-process-token", "LOCAL_PROVIDER_PORT": "0"}
+    async with trio.open_nursery() as nursery:
+
+        def start(argv: list[str], **extra: object):  # type: ignore[no-untyped-def]
+            return nursery.start(
+                lambda task_status: trio.run_process(
+                    [sys.executable, "-m", "trioprovider", *argv], cwd=str(tmp_path), env=env,
+                    check=False, task_status=task_status, **extra,
+                )
+            )
+
+        bridge = await start(["bridge", "--bridge-url", "ws://127.0.0.1:0"], stdout=subprocess.PIPE)
+        bridge_url = re.search(r"bridge on (ws://\S+)", await read_banner(bridge, "bridge on")).group(1)  # type: ignore[union-attr]
+        agent = await start(["agent", "echo", "--bridge-url", bridge_url, "--tokens", "2"])
+        server = await start(["--external-bridge", "--bridge-url", bridge_url], stdout=subprocess.PIPE)
+        banner = await read_banner(server, "Ctrl+C")
+        assert "(external)" in banner
+        url = re.search(r"OpenAI API\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        key = re.search(r"API key\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        client = openai.OpenAI(base_url=url, api_key=key, max_retries=0)
+        answer = await trio.to_thread.run_sync(lambda: client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x y"}]))
+        assert answer.choices[0].message.content == "x y"
+        for process in (server, agent, bridge):
+            process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            await server.wait()
+        assert server.returncode == 0

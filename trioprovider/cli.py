@@ -200,21 +200,14 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
 async def _run_bridge(settings: Settings) -> None:
     import urllib.parse
 
-    from trioprovider.bridge.hub import BridgeHub
     from trioprovider.bridge.server import serve_bridge
-    from trioprovider.server import check_bind
+    from trioprovider.server import check_bind, make_hub
 
     token = settings.mcp.token or new_secret()
     url = urllib.parse.urlsplit(settings.mcp.bridge_url)
     host = url.hostname or "127.0.0.1"
     check_bind(host, settings.provider.allow_non_loopback)
-    hub = BridgeHub(
-        token=token,
-        default_model=settings.provider.model_name,
-        queue_limit=settings.mcp.queue_limit,
-        heartbeat_interval=settings.mcp.heartbeat_interval,
-        hello_timeout=settings.mcp.connection_timeout,
-    )
+    hub = make_hub(settings, token)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(serve_bridge, hub, host, 8787 if url.port is None else url.port, max_frame_bytes=settings.mcp.max_frame_bytes))
         print(f"trioprovider bridge on ws://{host}:{port}", flush=True)

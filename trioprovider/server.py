@@ -96,6 +96,16 @@ def check_bind(host: str, allow_non_loopback: bool) -> None:
         log.warning("LISTENING ON %s: any machine that can reach it can try your API keys", host)
 
 
+def make_hub(settings: Settings, token: str) -> BridgeHub:
+    return BridgeHub(
+        token=token,
+        default_model=settings.provider.model_name,
+        queue_limit=settings.mcp.queue_limit,
+        heartbeat_interval=settings.mcp.heartbeat_interval,
+        hello_timeout=settings.mcp.connection_timeout,
+    )
+
+
 def preflight(settings: Settings, agents: Sequence[str] = ()) -> list[Agent]:
     """Check what can be checked before any task starts; the embedded agents to run."""
     check_bind(settings.provider.host, settings.provider.allow_non_loopback)
@@ -142,13 +152,7 @@ async def serve(
         bridge: Bridge
         hub: BridgeHub | None = None
         if settings.mcp.embedded_bridge:
-            hub = BridgeHub(
-                token=bridge_token,
-                default_model=settings.provider.model_name,
-                queue_limit=settings.mcp.queue_limit,
-                heartbeat_interval=settings.mcp.heartbeat_interval,
-                hello_timeout=settings.mcp.connection_timeout,
-            )
+            hub = make_hub(settings, bridge_token)
             url = urllib.parse.urlsplit(settings.mcp.bridge_url)
             bridge_host = url.hostname or "127.0.0.1"
             bridge_port = await root.start(

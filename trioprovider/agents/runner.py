@@ -14,7 +14,12 @@ from typing import Any, Protocol
 import trio
 import trio_websocket
 
-from trioprovider.bridge.streams import MessageStream, PeerClosed, WebSocketMessageStream
+from trioprovider.bridge.streams import (
+    MessageStream,
+    PeerClosed,
+    WebSocketMessageStream,
+    cancel_when_silent,
+)
 from trioprovider.protocol import (
     PROTOCOL_VERSION,
     AgentHello,
@@ -196,7 +201,7 @@ async def run_agent(
                 failures = 0
                 stream = WebSocketMessageStream(ws)
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(_close_when_silent, stream, heartbeat_interval, nursery)
+                    nursery.start_soon(cancel_when_silent, stream, heartbeat_interval, nursery.cancel_scope)
                     await serve_agent(agent, stream, token)
                     nursery.cancel_scope.cancel()
             log.warning("agent %r: bridge closed the connection", agent.agent_id)
@@ -207,9 +212,3 @@ async def run_agent(
                 raise
         await trio.sleep(reconnect_delay)
 
-
-async def _close_when_silent(
-    stream: WebSocketMessageStream, interval: float, nursery: trio.Nursery
-) -> None:
-    await stream.watch_liveness(interval)
-    nursery.cancel_scope.cancel()

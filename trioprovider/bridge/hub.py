@@ -24,7 +24,7 @@ from trioprovider.bridge.calls import (
     Resolution,
     resolve,
 )
-from trioprovider.bridge.streams import CLOSE_POLICY, MessageStream, PeerClosed
+from trioprovider.bridge.streams import CLOSE_POLICY, MessageStream, PeerClosed, cancel_when_silent
 from trioprovider.protocol import (
     PROTOCOL_VERSION,
     AgentHello,
@@ -243,7 +243,7 @@ class BridgeHub:
             # Registered before the ack: once the agent hears it is in, it is routable.
             await stream.send(HelloAck(id=hello.id))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._drop_when_silent, stream, nursery.cancel_scope)
+                nursery.start_soon(cancel_when_silent, stream, self.heartbeat_interval, nursery.cancel_scope)
                 await self._read_agent(link)
                 nursery.cancel_scope.cancel()
         finally:
@@ -252,10 +252,6 @@ class BridgeHub:
             link.calls.close_all()
             self._membership_changed_now()
             log.info("bridge: agent %r disconnected", hello.agent_id)
-
-    async def _drop_when_silent(self, stream: MessageStream, scope: trio.CancelScope) -> None:
-        await stream.watch_liveness(self.heartbeat_interval)
-        scope.cancel()
 
     async def _read_agent(self, link: AgentLink) -> None:
         while True:
@@ -286,7 +282,7 @@ class BridgeHub:
         relays: dict[str, _Relay] = {}
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._publish_catalog, stream)
-            nursery.start_soon(self._drop_when_silent, stream, nursery.cancel_scope)
+            nursery.start_soon(cancel_when_silent, stream, self.heartbeat_interval, nursery.cancel_scope)
             while True:
                 try:
                     message = await stream.receive()

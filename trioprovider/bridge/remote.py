@@ -13,7 +13,12 @@ import trio
 import trio_websocket
 
 from trioprovider.bridge.calls import Call, CallTable, Delivery, NoAgent, Resolution, resolve
-from trioprovider.bridge.streams import MessageStream, PeerClosed, WebSocketMessageStream
+from trioprovider.bridge.streams import (
+    MessageStream,
+    PeerClosed,
+    WebSocketMessageStream,
+    cancel_when_silent,
+)
 from trioprovider.protocol import (
     PROTOCOL_VERSION,
     AgentInfo,
@@ -170,7 +175,7 @@ class RemoteBridge:
         self.problem = None
         log.info("bridge link: connected to %s", self.url)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._drop_when_silent, stream, nursery.cancel_scope)
+            nursery.start_soon(cancel_when_silent, stream, self.heartbeat_interval, nursery.cancel_scope)
             while True:
                 try:
                     message = await stream.receive()
@@ -185,10 +190,6 @@ class RemoteBridge:
                     if await self._calls.deliver(message, self.stall_timeout) is Delivery.STALLED:
                         await stream.send(ModelCancel(id=message.id, reason="client_too_slow"))
             nursery.cancel_scope.cancel()
-
-    async def _drop_when_silent(self, stream: MessageStream, scope: trio.CancelScope) -> None:
-        await stream.watch_liveness(self.heartbeat_interval)
-        scope.cancel()
 
     def _lost(self) -> None:
         self._stream = None

@@ -137,6 +137,12 @@ class LocalMessageStream:
         self._incoming.close()
 
 
+async def cancel_when_silent(stream: MessageStream, interval: float, scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` (the peer's connection) once the peer stops answering pings."""
+    await stream.watch_liveness(interval)
+    scope.cancel()
+
+
 def local_stream_pair(
     name_a: str = "local", name_b: str = "local", buffer: int = 64
 ) -> tuple[LocalMessageStream, LocalMessageStream]:
