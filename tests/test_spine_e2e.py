@@ -370,3 +370,39 @@ async def test_connection_close_is_honoured_and_shutdown_does_not_wait_for_idle_
         started = trio.current_time()
         running.shutdown.set()
     assert trio.current_time() - started < 5
+
+
+async def test_provider_and_agent_reconnect_when_the_external_bridge_restarts() -> None:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    bridge_url = f"ws://127.0.0.1:{port}"
+
+    async def run_bridge(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+        hub = BridgeHub(token=BRIDGE_TOKEN, default_model="cursor-agent-local")
+        await serve_bridge(hub, "127.0.0.1", port, max_frame_bytes=1 << 20, task_status=task_status)
+
+    async with trio.open_nursery() as nursery:
+        first = trio.CancelScope()
+
+        async def first_bridge(task_status=trio.TASK_STATUS_IGNORED) -> None:  # type: ignore[no-untyped-def]
+            with first:
+                await run_bridge(task_status=task_status)
+
+        await nursery.start(first_bridge)
+        nursery.start_soon(partial(run_agent, EchoAgent(tokens=2), bridge_url, BRIDGE_TOKEN, reconnect_delay=0.05))
+        settings = make_settings(**{"mcp.embedded_bridge": False, "mcp.bridge_url": bridge_url, "mcp.reconnect_delay": 0.05, "mcp.reconnect_attempts": 100, "mcp.agent_wait_timeout": 10})
+        running = await start_server(nursery, settings)
+        bridge = running.provider.bridge
+        await wait_until(lambda: bridge.agents())
+        client = openai_client(running)
+        assert (await in_thread(client.chat.completions.create, model="echo", messages=USER)).choices[0].message.content == "hello there"
+        first.cancel()
+        await wait_until(lambda: not bridge.agents())
+        await nursery.start(run_bridge)
+        await wait_until(lambda: bridge.agents())
+        assert (await in_thread(client.chat.completions.create, model="echo", messages=USER)).choices[0].message.content == "hello there"
+        running.shutdown.set()
+        nursery.cancel_scope.cancel()
