@@ -44,6 +44,14 @@ EVENT_BUFFER = 16
 MAX_BATCH = 64
 #: Bound on every cleanup step that runs while cancelled.
 CLEANUP_TIMEOUT = 1.0
+#: Seconds a client may leave the answer unread (socket and event buffers full) before the
+#: request is stopped. Hypercorn's socket writes cannot be timed out from the app, so the
+#: request is stopped from this side: the agent gets model_cancel, the admission is released.
+CLIENT_STALL_TIMEOUT = 30.0
+
+
+class ClientStalled(Exception):
+    """The client stopped reading the answer."""
 
 _FAILURE_BY_REASON = {
     "session_revoked": ApiError(409, "The session was revoked; the request was stopped.", code="session_revoked"),
@@ -200,6 +208,12 @@ class RequestScope:
                             await self._relay(call, events)
                     if self._agent_scope.cancelled_caught:
                         failure = self._stopped_failure()
+                except ClientStalled:
+                    self.cancel_reason = self.outcome = "client_too_slow"
+                    log.warning("request %s: client stopped reading; stopped", self.invoke.id)
+                    if self.admission is not None:
+                        self.admission.release(trio.current_time())
+                    return
                 except Exception:
                     # Headers may be out already: an error here must become a terminal record,
                     # not an exception that truncates the client's chunked response.
@@ -225,7 +239,8 @@ class RequestScope:
                 self._agent_scope.deadline = self.started_at + self.deadlines.total
             for event in self.translator.feed(reply):
                 if isinstance(event, DeltaEvent) and self.reservation is not None:
-                    self.reservation.used = self.translator.completion_tokens
+                    # Prompt and output so far: what is charged if the request ends early.
+                    self.reservation.used = self.translator.prompt_tokens + self.translator.completion_tokens
                 elif isinstance(event, Finished):
                     self.outcome = "completed"
                     if self.reservation is not None:
@@ -233,7 +248,10 @@ class RequestScope:
                 elif isinstance(event, Failed):
                     self.outcome = "failed"
                 self._last_event_at = trio.current_time()
-                await events.send(event)
+                with trio.move_on_after(CLIENT_STALL_TIMEOUT) as waited:
+                    await events.send(event)
+                if waited.cancelled_caught:
+                    raise ClientStalled
 
     def _stopped_failure(self) -> ApiError:
         reason = self.cancel_reason

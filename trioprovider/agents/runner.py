@@ -116,14 +116,17 @@ async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
                 break
             if isinstance(message, ModelInvoke):
                 if message.id in in_flight or len(in_flight) >= agent.max_concurrency:
-                    await stream.send(
-                        ModelError(
-                            id=message.id,
-                            code="overloaded",
-                            message=f"agent {agent.agent_id!r} is at max_concurrency",
-                            retryable=True,
+                    try:
+                        await stream.send(
+                            ModelError(
+                                id=message.id,
+                                code="overloaded",
+                                message=f"agent {agent.agent_id!r} is at max_concurrency",
+                                retryable=True,
+                            )
                         )
-                    )
+                    except PeerClosed:
+                        break
                     continue
                 scope = trio.CancelScope()
                 in_flight[message.id] = scope

@@ -17,9 +17,10 @@ from trioprovider.protocol import (
     Reply,
 )
 
-#: Replies buffered per request before the reader waits for the requester. Small: a slow client
-#: slows its own agent stream instead of growing memory.
-REPLY_BUFFER = 32
+#: Replies buffered per request before the connection's reader has to wait for the requester.
+#: Bounded, so a slow client cannot grow memory; large enough that a momentary backlog (a busy
+#: CPU) never makes the reader wait, since while it waits every request on the connection does.
+REPLY_BUFFER = 256
 
 
 class Delivery(enum.Enum):

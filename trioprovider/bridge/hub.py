@@ -89,7 +89,7 @@ class BridgeHub:
         queue_limit: int = 64,
         heartbeat_interval: float = 30.0,
         hello_timeout: float = 10.0,
-        stall_timeout: float = 30.0,
+        stall_timeout: float = 1.0,
     ) -> None:
         if not token:
             raise ValueError("the bridge needs a token: any local user could otherwise register")
@@ -264,7 +264,10 @@ class BridgeHub:
                 if outcome is Delivery.STALLED:
                     log.warning("bridge: request %s dropped: its client stopped reading", message.id)
                     self._capacity_freed()
-                    await link.stream.send(ModelCancel(id=message.id, reason="client_too_slow"))
+                    try:
+                        await link.stream.send(ModelCancel(id=message.id, reason="client_too_slow"))
+                    except PeerClosed:
+                        return
                 elif outcome is Delivery.UNKNOWN:
                     # Normal just after a cancel crosses an answer; otherwise the agent answered
                     # a request it was not given, which is dropped either way.
@@ -290,11 +293,14 @@ class BridgeHub:
                     break
                 if isinstance(message, ModelInvoke):
                     if message.id in relays:
-                        await stream.send(
-                            ModelError(
-                                id=message.id, code="duplicate_id", message="request id in use"
+                        try:
+                            await stream.send(
+                                ModelError(
+                                    id=message.id, code="duplicate_id", message="request id in use"
+                                )
                             )
-                        )
+                        except PeerClosed:
+                            break
                         continue
                     relays[message.id] = _Relay()
                     nursery.start_soon(self._relay, stream, message, relays)
@@ -310,7 +316,10 @@ class BridgeHub:
     async def _publish_catalog(self, stream: MessageStream) -> None:
         while True:
             changed = self._membership_changed
-            await stream.send(Catalog(id="catalog", agents=self.agents()))
+            try:
+                await stream.send(Catalog(id="catalog", agents=self.agents()))
+            except PeerClosed:
+                return  # the reader sees the same and ends the connection
             await changed.wait()
 
     async def _relay(

@@ -53,7 +53,7 @@ class RemoteBridge:
         reconnect_attempts: int = 5,
         reconnect_delay: float = 5.0,
         max_frame_bytes: int = 8 * 1024 * 1024,
-        stall_timeout: float = 30.0,
+        stall_timeout: float = 1.0,
     ) -> None:
         self.url = url
         self._token = token
@@ -148,13 +148,15 @@ class RemoteBridge:
                 self._lost()
             log.warning("bridge link: %s (%s)", self.problem, self.url)
             started()
-            if failures > self.reconnect_attempts:
+            if failures == self.reconnect_attempts + 1:
+                # Keep trying (a restarted bridge should be found again without restarting
+                # the provider), but slower, and say so loudly once.
                 log.error(
-                    "bridge link: giving up after %d failed attempts; requests will get 503",
-                    failures,
+                    "bridge link: %d attempts failed; requests get 503 until it is back",
+                    failures - 1,
                 )
-                return
-            await trio.sleep(self.reconnect_delay)
+            slow_down = 1 if failures <= self.reconnect_attempts else 4
+            await trio.sleep(self.reconnect_delay * slow_down)
 
     async def _serve(self, stream: MessageStream, started: _Once) -> None:
         with trio.fail_after(self.connection_timeout):
@@ -188,7 +190,10 @@ class RemoteBridge:
                     started()
                 elif isinstance(message, (ModelStreamChunk, ModelResult, ModelError)):
                     if await self._calls.deliver(message, self.stall_timeout) is Delivery.STALLED:
-                        await stream.send(ModelCancel(id=message.id, reason="client_too_slow"))
+                        try:
+                            await stream.send(ModelCancel(id=message.id, reason="client_too_slow"))
+                        except PeerClosed:
+                            break
             nursery.cancel_scope.cancel()
 
     def _lost(self) -> None:

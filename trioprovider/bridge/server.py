@@ -15,8 +15,15 @@ log = logging.getLogger(__name__)
 
 
 async def _accept(hub: BridgeHub, request: trio_websocket.WebSocketRequest) -> None:
-    ws = await request.accept()
-    await hub.accept(WebSocketMessageStream(ws))
+    # trio-websocket lets a handler's exception end the whole server: one peer that resets
+    # its connection mid-handshake must not take the provider down with it.
+    try:
+        ws = await request.accept()
+        await hub.accept(WebSocketMessageStream(ws))
+    except trio_websocket.ConnectionClosed:
+        pass
+    except Exception:
+        log.exception("bridge: error serving a peer; dropped it")
 
 
 async def serve_bridge(

@@ -19,6 +19,9 @@ from trioprovider.protocol import Message
 
 log = logging.getLogger(__name__)
 
+#: Seconds a peer may leave one frame unread before its connection is dropped.
+SEND_TIMEOUT = 10.0
+
 #: WebSocket close codes (RFC 6455) we send.
 CLOSE_POLICY = 1008  # bad token, bad hello, unknown version
 CLOSE_PROTOCOL = 1002  # a frame that is not a valid message
@@ -65,10 +68,17 @@ class WebSocketMessageStream:
         self.peer = f"{remote.address}:{remote.port}" if hasattr(remote, "port") else str(remote)
 
     async def send(self, message: Message) -> None:
-        try:
-            await self._ws.send_message(protocol.encode(message))
-        except trio_websocket.ConnectionClosed as closed:
-            raise PeerClosed(str(closed.reason)) from None
+        # Shielded: a write cancelled halfway would leave part of a frame on a connection that
+        # many requests share. Bounded: a peer that stops reading loses the connection instead.
+        with trio.move_on_after(SEND_TIMEOUT, shield=True) as waited:
+            try:
+                await self._ws.send_message(protocol.encode(message))
+            except trio_websocket.ConnectionClosed as closed:
+                raise PeerClosed(str(closed.reason)) from None
+        if waited.cancelled_caught:
+            await self.aclose(1001, "peer stopped reading")
+            raise PeerClosed("peer stopped reading")
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def receive(self) -> Message:
         try:
