@@ -12,7 +12,6 @@ import pytest
 import trio
 
 from support import (
-    API_KEY,
     BRIDGE_TOKEN,
     RawHTTP,
     chat_body,

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
 from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from trioprovider import __version__
 from trioprovider.admission import Admission, Gate
 from trioprovider.auth import KeyRing, Principal
 from trioprovider.bridge.calls import Bridge, Resolution
@@ -96,10 +96,11 @@ def new_request_id() -> str:
 async def read_json() -> Any:
     """The request body as JSON: 413 past the size limit (checked before parsing), else 400."""
     try:
-        data = await request.get_data(cache=False)
+        data = await request.get_data(cache=False, as_text=False)
     except RequestEntityTooLarge:
         limit = current_provider().settings.provider.max_body_bytes
         raise ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large") from None
+    assert isinstance(data, bytes)
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -134,12 +135,12 @@ class RequestGuard:
     def __init__(self, app: Quart) -> None:
         self.app = app
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def send_last_shielded(message: dict[str, Any]) -> None:
+        async def send_last_shielded(message: ASGISendEvent) -> None:
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await send(message)

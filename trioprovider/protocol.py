@@ -184,7 +184,7 @@ Message = Annotated[
 #: The messages that answer a ``model_invoke``; the last two end it.
 Reply = Union[ModelStreamChunk, ModelResult, ModelError]
 
-_MESSAGE = pydantic.TypeAdapter(Message)
+_MESSAGE: pydantic.TypeAdapter[Message] = pydantic.TypeAdapter(Message)
 
 
 class ProtocolError(ValueError):

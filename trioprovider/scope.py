@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
@@ -107,7 +108,7 @@ class RequestScope:
         self._observer = observer
         self.translator = ReplyTranslator(prompt_tokens)
         self._send, self._receive = trio.open_memory_channel[Event](EVENT_BUFFER)
-        self._nursery_manager: trio._core._run.NurseryManager | None = None  # type: ignore[name-defined]
+        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
         self._agent_scope = trio.CancelScope()
         self._guard_scope = trio.CancelScope()

@@ -134,8 +134,8 @@ async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
             elif isinstance(message, ModelCancel):
                 # Forget it now, not when its task winds down, so its slot is free for the
                 # request the bridge may send right behind this cancel.
-                scope = in_flight.pop(message.id, None)
-                if scope is not None:
+                if message.id in in_flight:
+                    scope = in_flight.pop(message.id)
                     log.debug("agent: request %s cancelled (%s)", message.id, message.reason)
                     scope.cancel()
             else:

@@ -65,7 +65,9 @@ class WebSocketMessageStream:
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._ws = ws
         remote = ws.remote
-        self.peer = f"{remote.address}:{remote.port}" if hasattr(remote, "port") else str(remote)
+        self.peer = (
+            f"{remote.address}:{remote.port}" if isinstance(remote, trio_websocket.Endpoint) else str(remote)
+        )
 
     async def send(self, message: Message) -> None:
         # Shielded: a write cancelled halfway would leave part of a frame on a connection that
