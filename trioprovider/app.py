@@ -86,7 +86,7 @@ class Provider:
 def current_provider() -> Provider:
     from quart import current_app
 
-    return current_app.config["PROVIDER"]  # type: ignore[no-any-return]
+    return current_app.config["PROVIDER"]
 
 
 def new_request_id() -> str:

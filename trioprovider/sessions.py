@@ -9,6 +9,7 @@ set, which the per-request watchdog waits on to stop that session's live streams
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 import secrets
 from dataclasses import dataclass, field
 
@@ -55,7 +56,7 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
+    def __iter__(self) -> Iterator[Session]:
         return iter(list(self._sessions.values()))
 
     def get(self, session_id: str) -> Session | None:
