@@ -405,3 +405,19 @@ async def test_provider_and_agent_reconnect_when_the_external_bridge_restarts() 
         assert (await in_thread(client.chat.completions.create, model="echo", messages=USER)).choices[0].message.content == "hello there"
         running.shutdown.set()
         nursery.cancel_scope.cancel()
+
+
+async def test_a_full_queue_is_a_503_before_the_stream_starts() -> None:
+    settings = make_settings(**{"agents.echo.tokens": 1000, "agents.echo.delay_ms": 20, "agents.echo.max_concurrency": 1, "mcp.queue_limit": 0})
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, settings, agents=("echo",))
+        busy = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body())
+        await busy.read_until(b'"content"')
+        second = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body())
+        raw = await second.read_all()
+        head, body = raw.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower()
+        assert json.loads(body)["error"]["code"] == "overloaded"
+        await busy.hang_up()
+        await wait_until(lambda: not running.provider.scopes)
+        running.shutdown.set()

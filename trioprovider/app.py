@@ -66,6 +66,14 @@ class Provider:
         if resolution is Resolution.UNKNOWN_MODEL:
             available = sorted({card.id for agent in self.bridge.agents() for card in agent.models})
             raise model_not_found(model, [self.settings.provider.model_name, *available])
+        if self.bridge.saturated(model):
+            # Said now, before a stream's 200 goes out, so clients see a retryable 503.
+            raise ApiError(
+                503,
+                f"Every agent for {model!r} is busy and the queue is full; retry shortly.",
+                code="overloaded",
+                headers={"Retry-After": "1"},
+            )
 
     def admit(self, principal: Principal, tokens: int) -> Admission:
         admission = self.gate.admit(

@@ -190,6 +190,10 @@ class Bridge(Protocol):
         """Wait up to ``timeout`` seconds for at least one agent; True if there is one."""
         ...
 
+    def saturated(self, model: str) -> bool:
+        """True if a request for ``model`` would be refused as overloaded right now."""
+        ...
+
     async def start_call(self, invoke: ModelInvoke) -> Call:
         """Send a request to an agent that serves its model; raises NoAgent or Overloaded."""
         ...

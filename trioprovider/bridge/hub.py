@@ -142,14 +142,27 @@ class BridgeHub:
             raise
         return call
 
+    def _candidates(self, model: str) -> list[AgentLink]:
+        candidates = [link for link in self._links if link.serves(model)]
+        if not candidates and model == self.default_model:
+            candidates = list(self._links)
+        return candidates
+
+    def saturated(self, model: str) -> bool:
+        """True if a request for ``model`` now would be refused as Overloaded."""
+        candidates = self._candidates(model)
+        return (
+            bool(candidates)
+            and not any(link.has_capacity for link in candidates)
+            and self._queued >= self.queue_limit
+        )
+
     async def _claim(self, model: str) -> AgentLink:
         """An agent for ``model`` with a free slot, waiting (bounded by the queue) for one."""
         queued = False
         try:
             while True:
-                candidates = [link for link in self._links if link.serves(model)]
-                if not candidates and model == self.default_model:
-                    candidates = list(self._links)
+                candidates = self._candidates(model)
                 if not candidates:
                     raise NoAgent(f"no connected agent serves model {model!r}")
                 free = [link for link in candidates if link.has_capacity]

@@ -83,6 +83,10 @@ class RemoteBridge:
     def in_flight(self) -> int:
         return len(self._calls)
 
+    def saturated(self, model: str) -> bool:
+        # The bridge's queue is not visible from here; it answers 'overloaded' itself.
+        return False
+
     async def wait_for_agents(self, timeout: float) -> bool:
         with trio.move_on_after(timeout):
             while not self._agents:
