@@ -183,3 +183,25 @@ def test_invalid_requests_name_the_field(body: dict, param: str) -> None:
         parse_request(ChatCompletionRequest, body)
     assert raised.value.status == 400
     assert raised.value.param == param
+
+
+def test_completion_stream_is_byte_exact() -> None:
+    from trioprovider.wire.openai import CompletionStreamEncoder
+
+    enc = CompletionStreamEncoder("cmpl-1", 1700000000, "echo", include_usage=True)
+    head = b'data: {"id":"cmpl-1","object":"text_completion","created":1700000000,"model":"echo",'
+    out = enc.encode([DeltaEvent(Delta(content="x = 1")), Finished("stop", Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3))])
+    assert out == (
+        head + b'"choices":[{"index":0,"text":"x = 1","logprobs":null,"finish_reason":null}]}\n\n'
+        + head + b'"choices":[{"index":0,"text":"","logprobs":null,"finish_reason":"stop"}]}\n\n'
+        + head + b'"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}\n\n'
+        + b"data: [DONE]\n\n"
+    )
+
+
+def test_fim_request_becomes_a_completion_invoke_with_its_suffix() -> None:
+    from trioprovider.wire.openai import CompletionRequest, completion_invoke
+
+    body = {"model": "echo", "prompt": "def f(", "suffix": "\n    return x", "stop": ["\n\n"], "max_tokens": 300}
+    invoke = completion_invoke(parse_request(CompletionRequest, body), request_id="r", session_id="s", defaults=Defaults())
+    assert (invoke.kind, invoke.prompt, invoke.suffix, invoke.stop, invoke.max_tokens) == ("completion", "def f(", "\n    return x", ["\n\n"], 300)

@@ -66,6 +66,32 @@ def parse_request(model: type[BaseModel], body: Any) -> Any:
         raise invalid_request(f"{where}: {first['msg']}", param=where or None) from None
 
 
+def normalize_messages(raw_messages: list[dict[str, Any]], *, vision: bool) -> list[dict[str, Any]]:
+    """Messages for the agent: content-part lists become one string of their text parts joined.
+
+    Text reaches the agent byte for byte. Image parts are refused (400) unless the model's
+    agent advertises vision, in which case the message is passed on untouched.
+    """
+    out = []
+    for index, message in enumerate(raw_messages):
+        content = message.get("content")
+        if isinstance(content, list):
+            kinds = {part.get("type") for part in content if isinstance(part, dict)}
+            if kinds - {"text"}:
+                if not vision or kinds - {"text", "image_url"}:
+                    unsupported = ", ".join(sorted(str(kind) for kind in kinds - {"text"}))
+                    raise invalid_request(
+                        f"messages.{index}.content: parts of type {unsupported} are not supported by this model",
+                        param=f"messages.{index}.content",
+                    )
+                out.append(message)
+                continue
+            text = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+            message = {**message, "content": text}
+        out.append(message)
+    return out
+
+
 def chat_invoke(
     request: ChatCompletionRequest,
     raw_messages: list[dict[str, Any]],
@@ -148,3 +174,80 @@ def chat_completion(answer: Answer, completion_id: str, created: int, model: str
         "usage": usage,
     }
 
+
+
+class CompletionRequest(BaseModel):
+    """The legacy completions request, also used for fill-in-the-middle (``suffix``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: Annotated[str, Field(min_length=1, max_length=256)]
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)]
+    suffix: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: Annotated[int, Field(ge=1, le=8192)] | None = None
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+
+
+def completion_invoke(request: CompletionRequest, *, request_id: str, session_id: str, defaults: Defaults) -> ModelInvoke:
+    if request.n not in (None, 1):
+        raise invalid_request("Only n=1 is supported.", param="n")
+    prompt = request.prompt if isinstance(request.prompt, str) else request.prompt[0]
+    stop = [request.stop] if isinstance(request.stop, str) else request.stop
+    return ModelInvoke(
+        id=request_id,
+        session_id=session_id,
+        model=request.model,
+        kind="completion",
+        prompt=prompt,
+        suffix=request.suffix,
+        stream=request.stream,
+        max_tokens=request.max_tokens or defaults.max_tokens,
+        temperature=defaults.temperature if request.temperature is None else request.temperature,
+        top_p=defaults.top_p if request.top_p is None else request.top_p,
+        stop=stop or None,
+    )
+
+
+class CompletionStreamEncoder:
+    """Events → ``text_completion`` SSE records, ending with ``data: [DONE]``."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self._head = dumps({"id": completion_id, "object": "text_completion", "created": created, "model": model})[:-1]
+        self._include_usage = include_usage
+
+    def _record(self, **fields: Any) -> bytes:
+        return sse_record(self._head + b"," + dumps(fields)[1:])
+
+    def encode(self, events: list[Event]) -> bytes:
+        out = bytearray()
+        for event in events:
+            if isinstance(event, DeltaEvent):
+                if event.delta.content:
+                    out += self._record(choices=[{"index": 0, "text": event.delta.content, "logprobs": None, "finish_reason": None}])
+            elif isinstance(event, Finished):
+                out += self._record(choices=[{"index": 0, "text": "", "logprobs": None, "finish_reason": event.finish_reason}])
+                if self._include_usage:
+                    out += self._record(choices=[], usage=event.usage.model_dump())
+                out += SSE_DONE
+            elif isinstance(event, Failed):
+                out += sse_record(dumps(event.error.openai_body())) + SSE_DONE
+            elif isinstance(event, Heartbeat):
+                out += SSE_KEEPALIVE
+        return bytes(out)
+
+
+def text_completion(answer: Answer, completion_id: str, created: int, model: str) -> dict[str, Any]:
+    """The non-streamed ``text_completion`` object."""
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "text": answer.content, "logprobs": None, "finish_reason": answer.finish_reason or "stop"}],
+        "usage": answer.usage.model_dump() if answer.usage else None,
+    }

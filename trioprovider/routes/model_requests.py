@@ -1,0 +1,77 @@
+"""What every model route does once its request is parsed: admit it, give it a RequestScope,
+and answer as a stream or as one body. Shared by the OpenAI and Ollama surfaces."""
+
+from __future__ import annotations
+
+import math
+
+from quart import Response
+
+from trioprovider.app import Provider
+from trioprovider.auth import Principal
+from trioprovider.protocol import ModelInvoke
+from trioprovider.scope import Deadlines, RequestScope, StreamingBody, WireEncoder
+from trioprovider.tokens import estimate_prompt_tokens
+from trioprovider.wire.answer import Answer
+from trioprovider.wire.openai import Defaults
+
+
+def defaults(provider: Provider) -> Defaults:
+    model = provider.settings.model
+    return Defaults(max_tokens=model.max_tokens, temperature=model.temperature, top_p=model.top_p)
+
+
+def _deadlines(provider: Provider) -> Deadlines:
+    performance = provider.settings.performance
+
+    def seconds(value: float) -> float:
+        return value if value > 0 else math.inf
+
+    return Deadlines(first_event=seconds(performance.request_timeout), total=seconds(performance.response_timeout))
+
+
+async def open_scope(
+    provider: Provider, principal: Principal, invoke: ModelInvoke, *, heartbeat: bool
+) -> tuple[RequestScope, dict[str, str]]:
+    """Admit a fully validated request; its scope and the headers every answer carries.
+
+    Validation comes first, in the caller: a bad request changes no budget and no session.
+    """
+    await provider.require_model(invoke.model)
+    prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
+    admission = provider.admit(principal, prompt_tokens + (invoke.max_tokens or 0))
+    invoke.session_id = admission.session.id
+    scope = RequestScope(
+        provider.bridge,
+        invoke,
+        prompt_tokens=prompt_tokens,
+        admission=admission,
+        deadlines=_deadlines(provider),
+        heartbeat_interval=provider.settings.performance.heartbeat_interval if heartbeat else None,
+        observer=provider,
+    )
+    return scope, provider.response_headers(invoke.id, admission)
+
+
+def streaming_response(scope: RequestScope, encoder: WireEncoder, headers: dict[str, str], mimetype: str) -> Response:
+    response = Response(
+        StreamingBody(scope, encoder),
+        mimetype=mimetype,
+        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+    # Quart's RESPONSE_TIMEOUT would otherwise cut a long answer off silently.
+    response.timeout = None
+    return response
+
+
+async def gather(scope: RequestScope) -> Answer:
+    """Run a request to its end and join its events (no stream: nothing to send until then)."""
+    answer = Answer()
+    async with scope:
+        while True:
+            try:
+                batch = await scope.receive_batch()
+            except StopAsyncIteration:
+                break
+            answer.feed(batch)
+    return answer
