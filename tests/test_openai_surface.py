@@ -67,3 +67,51 @@ async def test_a_base_url_with_a_trailing_slash_still_works(running) -> None:  #
     )
     assert response.status_code == 200
     assert response.json()["choices"][0]["message"]["content"] == echo_text("hi", 4)
+
+
+READ_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "read_file",
+        "description": "Read a file",
+        # As VoidEditor sends them: properties with only a description, no 'type'.
+        "parameters": {"type": "object", "properties": {"text": {"description": "what to read"}}, "required": ["text"]},
+    },
+}
+
+
+async def test_tool_call_round_trip_streamed_and_not(running) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    client = openai_client(running)
+    messages: list[dict] = [{"role": "user", "content": "open main.py"}]
+
+    def streamed() -> tuple[list, str | None]:
+        deltas, finish = [], None
+        for chunk in client.chat.completions.create(model="echo", messages=messages, tools=[READ_TOOL], stream=True):
+            choice = chunk.choices[0]
+            if choice.delta.tool_calls:
+                deltas.extend(choice.delta.tool_calls)
+            finish = choice.finish_reason or finish
+        return deltas, finish
+
+    deltas, finish = await in_thread(streamed)
+    assert finish == "tool_calls"
+    assert all(d.index == 0 for d in deltas)
+    assert [d.id for d in deltas if d.id] == [deltas[0].id]  # id once
+    assert [d.function.name for d in deltas if d.function.name] == ["read_file"]  # name once
+    arguments = "".join(d.function.arguments or "" for d in deltas)
+    assert json.loads(arguments) == {"text": "open main.py"}
+
+    whole = await in_thread(client.chat.completions.create, model="echo", messages=messages, tools=[READ_TOOL])
+    call = whole.choices[0].message.tool_calls[0]
+    assert whole.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "read_file" and json.loads(call.function.arguments) == {"text": "open main.py"}
+
+    # The client runs the tool and sends the result back; the agent answers from it.
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "print('hi')"},
+    ]
+    final = await in_thread(client.chat.completions.create, model="echo", messages=messages, tools=[READ_TOOL])
+    assert final.choices[0].message.content == echo_text("print('hi')", 4)

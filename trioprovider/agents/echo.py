@@ -2,26 +2,30 @@
 
 It answers with the words of the request (the last user message, or the completion prompt)
 repeated to ``tokens`` tokens, one word per stream chunk, each after ``delay`` seconds, so a test can
-predict every byte with :func:`echo_text`.
+predict every byte with :func:`echo_text`. Offered tools, it calls the first one (see
+:func:`wants_tool_call`), streaming the call the way OpenAI does, so clients' tool handling can be
+tested end to end.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+from typing import Any
 
 import trio
 
 from trioprovider.agents.runner import AnswerStream
 from trioprovider.protocol import ModelCard, ModelInvoke, ModelResult, Usage
-from trioprovider.tokens import estimate_prompt_tokens, message_text
+from trioprovider.tokens import estimate_prompt_tokens, message_text, tokens_for_chars
 
 
 def echo_source(invoke: ModelInvoke) -> str:
-    """The text the echo agent repeats: the last user message, or the prompt."""
+    """The text the echo agent repeats: the last user (or tool result) message, or the prompt."""
     if invoke.kind == "completion":
         return invoke.prompt or ""
     for message in reversed(invoke.messages or []):
-        if message.get("role") == "user":
+        if message.get("role") in ("user", "tool"):
             return message_text(message)
     return ""
 
@@ -53,7 +57,7 @@ class EchoAgent:
         self.tokens = tokens
         self.delay = delay
         self.models = [
-            ModelCard(id=name, context_window=131_072, supports_tools=False, supports_fim=True)
+            ModelCard(id=name, context_window=131_072, supports_tools=True, supports_fim=True)
             for name in (models or ["echo"])
         ]
         self.max_concurrency = max_concurrency
@@ -63,31 +67,63 @@ class EchoAgent:
         self.cancel_arrived = trio.Event()
 
     async def answer(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
-        count = self.tokens if invoke.max_tokens is None else min(self.tokens, invoke.max_tokens)
-        finish_reason = "length" if count < self.tokens else "stop"
-        tokens = echo_tokens(echo_source(invoke), count)
         try:
-            for token in tokens:
-                if self.delay:
-                    await trio.sleep(self.delay)
-                await out.text(token)
+            if wants_tool_call(invoke):
+                return await self._call_tool(invoke, out)
+            return await self._echo(invoke, out)
         except trio.Cancelled:
             self.cancelled.append((invoke.id, trio.current_time()))
             self.cancel_arrived.set()
             raise
+
+    async def _echo(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
+        count = self.tokens if invoke.max_tokens is None else min(self.tokens, invoke.max_tokens)
+        finish_reason = "length" if count < self.tokens else "stop"
+        tokens = echo_tokens(echo_source(invoke), count)
+        for token in tokens:
+            if self.delay:
+                await trio.sleep(self.delay)
+            await out.text(token)
         text = "".join(tokens)
-        prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
         if invoke.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}}
         else:
             choice = {"index": 0, "text": text}
         choice["finish_reason"] = finish_reason
+        return self._result(invoke, choice, count)
+
+    async def _call_tool(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
+        """Call the first tool offered, with ``{"text": <the user's message>}``, in fragments the
+        way OpenAI streams them: id and name once, then the arguments in pieces."""
+        assert invoke.tools
+        name = invoke.tools[0].get("function", {}).get("name", "tool")
+        arguments = json.dumps({"text": echo_source(invoke)})
+        call_id = f"call_{invoke.id[-8:]}"
+        await out.tool_call_fragment({"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}})
+        for start in range(0, len(arguments), 8):
+            if self.delay:
+                await trio.sleep(self.delay)
+            await out.tool_call_fragment({"index": 0, "function": {"arguments": arguments[start : start + 8]}})
+        call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        choice = {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]}, "finish_reason": "tool_calls"}
+        return self._result(invoke, choice, tokens_for_chars(len(arguments)))
+
+    def _result(self, invoke: ModelInvoke, choice: dict[str, Any], completion_tokens: int) -> ModelResult:
+        prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
         return ModelResult(
             id=invoke.id,
             choices=[choice],
             usage=Usage(
                 prompt_tokens=prompt_tokens,
-                completion_tokens=count,
-                total_tokens=prompt_tokens + count,
+                completion_tokens=completion_tokens,
+                total_tokens=prompt_tokens + completion_tokens,
             ),
         )
+
+
+def wants_tool_call(invoke: ModelInvoke) -> bool:
+    """The echo agent calls a tool when tools are offered and the user spoke last; once the
+    tool's result comes back (a ``tool`` message last), it echoes that result."""
+    if invoke.kind != "chat" or not invoke.tools or invoke.tool_choice == "none" or not invoke.messages:
+        return False
+    return invoke.messages[-1].get("role") == "user"
