@@ -172,7 +172,7 @@ class RequestGuard:
 
 
 def create_app(provider: Provider) -> QuartTrio:
-    from trioprovider.routes import health, openai
+    from trioprovider.routes import health, ollama, openai
 
     app = QuartTrio("trioprovider")
     app.config["PROVIDER"] = provider
@@ -180,6 +180,7 @@ def create_app(provider: Provider) -> QuartTrio:
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.register_blueprint(health.blueprint)
     app.register_blueprint(openai.blueprint)
+    app.register_blueprint(ollama.blueprint)
 
     @app.before_request
     async def assign_request_id() -> None:

@@ -1,0 +1,81 @@
+"""The Ollama API on the main port (key required), driven by the official ``ollama`` client."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import httpx
+import ollama
+import pytest
+import trio
+
+from support import API_KEY, make_settings, start_server
+from trioprovider.agents.echo import echo_text
+
+
+async def in_thread(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
+
+
+@pytest.fixture
+async def running(nursery: trio.Nursery):  # type: ignore[no-untyped-def]
+    server = await start_server(nursery, make_settings(**{"agents.echo.tokens": 4}), agents=("echo",))
+    yield server
+    server.shutdown.set()
+
+
+def client(running, key: str = API_KEY) -> ollama.Client:  # type: ignore[no-untyped-def]
+    return ollama.Client(host=running.provider_url, headers={"Authorization": f"Bearer {key}"})
+
+
+async def test_root_version_tags_show_ps(running) -> None:  # type: ignore[no-untyped-def]
+    root = await in_thread(httpx.get, running.provider_url + "/")
+    assert root.text == "Ollama is running"
+    head = await in_thread(httpx.head, running.provider_url + "/")
+    assert head.status_code == 200
+    assert "version" in (await in_thread(httpx.get, running.provider_url + "/api/version")).json()
+    c = client(running)
+    names = [m.model for m in (await in_thread(c.list)).models]
+    assert set(names) == {"echo", "cursor-agent-local"}
+    shown = await in_thread(c.show, "echo")
+    assert shown.modelinfo["trioprovider.context_length"] == 131072
+    assert "insert" in (shown.capabilities or [])
+    assert (await in_thread(c.ps)).models
+
+
+async def test_chat_plain_and_streamed_ends_with_a_done_line(running) -> None:  # type: ignore[no-untyped-def]
+    c = client(running)
+    messages = [{"role": "user", "content": "hello ollama"}]
+    answer = await in_thread(c.chat, model="echo", messages=messages, stream=False)
+    assert answer.message.content == echo_text("hello ollama", 4)
+    assert answer.done and answer.eval_count == 4 and answer.total_duration >= 0
+
+    def stream() -> list:
+        return list(c.chat(model="echo", messages=messages, stream=True, options={"num_predict": 3}))
+
+    parts = await in_thread(stream)
+    assert "".join(p.message.content for p in parts) == echo_text("hello ollama", 3)
+    assert parts[-1].done and parts[-1].done_reason == "length"
+    assert not any(p.done for p in parts[:-1])
+
+
+async def test_generate_with_raw_and_suffix_streams_to_done(running) -> None:  # type: ignore[no-untyped-def]
+    c = client(running)
+
+    def stream() -> list:
+        return list(c.generate(model="echo", prompt="def f(", suffix="\n    return 1", raw=True, stream=True, options={"stop": ["\n\n"], "num_predict": 300}))
+
+    parts = await in_thread(stream)
+    assert "".join(p.response for p in parts) == echo_text("def f(", 4)
+    assert parts[-1].done and parts[-1].eval_count == 4
+
+
+async def test_errors_are_the_clients_own_exceptions(running) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ollama.ResponseError) as unknown:
+        await in_thread(client(running).chat, model="nope", messages=[{"role": "user", "content": "x"}])
+    assert unknown.value.status_code == 404 and "nope" in unknown.value.error
+    with pytest.raises(ollama.ResponseError) as unauthorized:
+        await in_thread(client(running, key="wrong").list)
+    assert unauthorized.value.status_code == 401
+    bad = await in_thread(httpx.post, running.provider_url + "/api/chat", headers={"Authorization": f"Bearer {API_KEY}"}, json={"model": "echo"})
+    assert bad.status_code == 400 and "messages" in bad.json()["error"]
