@@ -20,6 +20,7 @@ from trioprovider.admission import Admission, Gate
 from trioprovider.auth import KeyRing, Principal
 from trioprovider.bridge.calls import Bridge, Resolution
 from trioprovider.config import Settings
+from trioprovider.origins import host_allowed, origin_allowed
 from trioprovider.errors import ApiError, invalid_request, model_not_found, no_agent, unauthorized
 from trioprovider.scope import RequestScope
 
@@ -42,6 +43,8 @@ class Provider:
     started_at: float = field(default_factory=time.time)
     scopes: set[RequestScope] = field(default_factory=set)
     draining: bool = False
+    #: Port of the key-less Ollama listener (``ollama.listen``), once it is bound.
+    keyless_port: int | None = None
 
     # ScopeObserver: the open scopes are what a leak check counts.
     def scope_opened(self, scope: RequestScope) -> None:
@@ -50,7 +53,15 @@ class Provider:
     def scope_closed(self, scope: RequestScope) -> None:
         self.scopes.discard(scope)
 
+    def on_keyless_listener(self) -> bool:
+        server = request.scope.get("server")
+        return self.keyless_port is not None and server is not None and server[1] == self.keyless_port
+
     def authenticate(self) -> Principal:
+        if self.on_keyless_listener():
+            # VoidEditor's Ollama provider cannot send a key; this listener is loopback-only and
+            # checks Host and Origin instead (see guard_keyless_listener).
+            return Principal("ollama-listener", request.remote_addr or "unknown")
         label = self.keys.check(request.headers.get("Authorization"))
         if label is None:
             raise unauthorized()
@@ -185,6 +196,16 @@ def create_app(provider: Provider) -> QuartTrio:
     @app.before_request
     async def assign_request_id() -> None:
         request.request_id = new_request_id()  # type: ignore[attr-defined]
+
+    @app.before_request
+    async def guard_keyless_listener() -> None:
+        if not provider.on_keyless_listener():
+            return
+        assert provider.keyless_port is not None
+        if not host_allowed(request.headers.get("Host"), provider.keyless_port):
+            raise ApiError(403, "Host must be a loopback name (127.0.0.1, localhost, [::1]).", code="forbidden_host")
+        if not origin_allowed(request.headers.get("Origin"), provider.settings.security.allowed_origins):
+            raise ApiError(403, "This Origin is not allowed (security.allowed_origins).", code="forbidden_origin")
 
     @app.after_request
     async def tag_response(response: Response) -> Response:

@@ -161,6 +161,7 @@ def banner(running: Any, settings: Settings) -> str:
     lines = [
         f"trioprovider {__version__}  ·  config: {source}",
         f"  OpenAI API   {running.provider_url}/v1",
+        *([f"  Ollama API   {running.ollama_url} (no key; loopback; Host/Origin checked)"] if running.ollama_url else []),
         f"  bridge       {running.bridge_url} ({'embedded' if running.hub else 'external'})",
         f"  models       {', '.join([settings.provider.model_name, *models])}"
         + ("" if models else "  (no agent connected yet)"),

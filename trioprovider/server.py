@@ -62,6 +62,8 @@ class Running:
     provider_url: str
     bridge_url: str
     bridge_token: str
+    #: The key-less Ollama listener's URL, when ``ollama.listen`` is set.
+    ollama_url: str | None
     #: The plain API key when one was generated for this run only (no key configured).
     ephemeral_api_key: str | None
     hub: BridgeHub | None
@@ -109,6 +111,9 @@ def make_hub(settings: Settings, token: str) -> BridgeHub:
 def preflight(settings: Settings, agents: Sequence[str] = ()) -> list[Agent]:
     """Check what can be checked before any task starts; the embedded agents to run."""
     check_bind(settings.provider.host, settings.provider.allow_non_loopback)
+    if settings.ollama.listen:
+        # No key on that listener: loopback only, whatever allow_non_loopback says.
+        check_bind(settings.ollama.listen.rsplit(":", 1)[0].strip("[]"), allow_non_loopback=False)
     if settings.mcp.embedded_bridge:
         bridge_host = urllib.parse.urlsplit(settings.mcp.bridge_url).hostname or "127.0.0.1"
         check_bind(bridge_host, settings.provider.allow_non_loopback)
@@ -213,6 +218,7 @@ async def serve(
             Running(
                 provider=provider,
                 provider_url=binds[0],
+                ollama_url=binds[1] if len(binds) > 1 else None,
                 bridge_url=bridge_url,
                 bridge_token=bridge_token,
                 ephemeral_api_key=ephemeral_key,
@@ -232,6 +238,8 @@ async def _serve_http(
     settings = provider.settings.provider
     config = hypercorn.config.Config()
     config.bind = [_hostport(settings.host, settings.port)]
+    if provider.settings.ollama.listen:
+        config.bind.append(provider.settings.ollama.listen)
     config.graceful_timeout = settings.graceful_timeout
     # Clients send nothing while a stream runs: no read timeout may cut them off.
     config.read_timeout = None
@@ -245,12 +253,16 @@ async def _serve_http(
         provider.draining = True
         log.info("shutting down: finishing in-flight requests (up to %.0fs)", settings.graceful_timeout)
 
-    await hypercorn.trio.serve(
-        RequestGuard(create_app(provider)),
-        config,
-        shutdown_trigger=drain,
-        task_status=task_status,
-    )
+    async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        await hypercorn.trio.serve(
+            RequestGuard(create_app(provider)), config, shutdown_trigger=drain, task_status=task_status
+        )
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(serve)
+        if len(binds) > 1:
+            provider.keyless_port = int(binds[1].rsplit(":", 1)[1])
+        task_status.started(binds)
     root.cancel()
 
 

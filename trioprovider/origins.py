@@ -1,0 +1,29 @@
+"""Which ``Host`` and ``Origin`` headers a local server should accept (DESIGN.md section 6).
+
+A web page in the user's browser can reach 127.0.0.1: through DNS rebinding (a hostile name that
+resolves to 127.0.0.1, so ``Host`` is that name) or a cross-site request (``Origin`` is the page).
+Pure functions; the HTTP layer answers 403 when they say no.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+def host_allowed(host: str | None, port: int) -> bool:
+    """A loopback name, with this server's port or none."""
+    if not host:
+        return False
+    host = host.strip().lower()
+    return any(host in (name, f"{name}:{port}") for name in LOOPBACK_NAMES)
+
+
+def origin_allowed(origin: str | None, patterns: list[str]) -> bool:
+    """No ``Origin`` (not a browser) is fine; otherwise it must match one of ``patterns``
+    (``*`` matches any run of characters, e.g. ``http://127.0.0.1:*``)."""
+    if origin is None:
+        return True
+    origin = origin.strip().lower()
+    return any(fnmatch.fnmatchcase(origin, pattern.lower()) for pattern in patterns)
