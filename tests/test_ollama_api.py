@@ -79,3 +79,19 @@ async def test_errors_are_the_clients_own_exceptions(running) -> None:  # type: 
     assert unauthorized.value.status_code == 401
     bad = await in_thread(httpx.post, running.provider_url + "/api/chat", headers={"Authorization": f"Bearer {API_KEY}"}, json={"model": "echo"})
     assert bad.status_code == 400 and "messages" in bad.json()["error"]
+
+
+async def test_tool_call_round_trip_in_ollamas_shape(running) -> None:  # type: ignore[no-untyped-def]
+    c = client(running)
+    tool = {"type": "function", "function": {"name": "read_file", "description": "Read", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}
+    messages: list = [{"role": "user", "content": "open main.py"}]
+    answer = await in_thread(c.chat, model="echo", messages=messages, tools=[tool], stream=False)
+    [call] = answer.message.tool_calls
+    assert call.function.name == "read_file" and call.function.arguments == {"text": "open main.py"}
+    parts = await in_thread(lambda: list(c.chat(model="echo", messages=messages, tools=[tool], stream=True)))
+    calls = [tc for p in parts for tc in (p.message.tool_calls or [])]
+    assert [tc.function.arguments for tc in calls] == [{"text": "open main.py"}]
+    assert parts[-1].done
+    messages += [answer.message.model_dump(exclude_none=True), {"role": "tool", "content": "print(1)"}]
+    final = await in_thread(c.chat, model="echo", messages=messages, tools=[tool], stream=False)
+    assert final.message.content == echo_text("print(1)", 4)
