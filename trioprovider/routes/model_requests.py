@@ -4,8 +4,10 @@ and answer as a stream or as one body. Shared by the OpenAI and Ollama surfaces.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
-from quart import Response
+from quart import Response, jsonify
 
 from trioprovider.app import Provider
 from trioprovider.auth import Principal
@@ -75,3 +77,23 @@ async def gather(scope: RequestScope) -> Answer:
                 break
             answer.feed(batch)
     return answer
+
+
+async def respond(
+    scope: RequestScope,
+    headers: dict[str, str],
+    *,
+    stream: bool,
+    encoder: Callable[[], WireEncoder],
+    mimetype: str,
+    whole: Callable[[Answer], dict[str, Any]],
+) -> Response:
+    """A stream of ``encoder()``'s records, or (no stream) the request run to its end as ``whole``."""
+    if stream:
+        return streaming_response(scope, encoder(), headers, mimetype)
+    answer = await gather(scope)
+    if answer.error is not None:
+        raise answer.error.with_headers(headers)
+    response = jsonify(whole(answer))
+    response.headers.update(headers)
+    return response

@@ -12,7 +12,7 @@ from trioprovider.app import current_provider, read_json
 from trioprovider.bridge.calls import catalog
 from trioprovider.errors import invalid_request, model_not_found
 from trioprovider.protocol import ModelCard
-from trioprovider.routes.model_requests import defaults, gather, open_scope, streaming_response
+from trioprovider.routes.model_requests import defaults, open_scope, respond
 from trioprovider.scope import RequestScope
 from trioprovider.wire.ollama import (
     ROOT_TEXT,
@@ -102,15 +102,14 @@ async def chat() -> Response:
         chat_request, body.get("messages") or [], request_id=request.request_id, session_id="", defaults=defaults(provider), vision=vision  # type: ignore[attr-defined]
     )
     scope, headers = await open_scope(provider, principal, invoke, heartbeat=False)
-    if chat_request.stream:
-        encoder = OllamaChatEncoder(chat_request.model, _now(), Timing(started_ns=time.monotonic_ns()), clock=time.monotonic_ns)
-        return streaming_response(scope, encoder, headers, NDJSON)
-    answer = await gather(scope)
-    if answer.error is not None:
-        raise answer.error.with_headers(headers)
-    response = jsonify(ollama_chat_response(answer, chat_request.model, _now(), _timing_of(scope)))
-    response.headers.update(headers)
-    return response
+    return await respond(
+        scope,
+        headers,
+        stream=chat_request.stream,
+        encoder=lambda: OllamaChatEncoder(chat_request.model, _now(), Timing(started_ns=time.monotonic_ns()), clock=time.monotonic_ns),
+        mimetype=NDJSON,
+        whole=lambda answer: ollama_chat_response(answer, chat_request.model, _now(), _timing_of(scope)),
+    )
 
 
 @blueprint.post("/api/generate")
@@ -123,12 +122,11 @@ async def generate() -> Response:
         generate_request, request_id=request.request_id, session_id="", defaults=defaults(provider)  # type: ignore[attr-defined]
     )
     scope, headers = await open_scope(provider, principal, invoke, heartbeat=False)
-    if generate_request.stream:
-        encoder = OllamaGenerateEncoder(generate_request.model, _now(), Timing(started_ns=time.monotonic_ns()), clock=time.monotonic_ns)
-        return streaming_response(scope, encoder, headers, NDJSON)
-    answer = await gather(scope)
-    if answer.error is not None:
-        raise answer.error.with_headers(headers)
-    response = jsonify(ollama_generate_response(answer, generate_request.model, _now(), _timing_of(scope)))
-    response.headers.update(headers)
-    return response
+    return await respond(
+        scope,
+        headers,
+        stream=generate_request.stream,
+        encoder=lambda: OllamaGenerateEncoder(generate_request.model, _now(), Timing(started_ns=time.monotonic_ns()), clock=time.monotonic_ns),
+        mimetype=NDJSON,
+        whole=lambda answer: ollama_generate_response(answer, generate_request.model, _now(), _timing_of(scope)),
+    )

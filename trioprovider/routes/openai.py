@@ -11,7 +11,7 @@ from trioprovider.app import Provider, current_provider, read_json
 from trioprovider.bridge.calls import catalog
 from trioprovider.errors import model_not_found
 from trioprovider.protocol import ModelCard
-from trioprovider.routes.model_requests import defaults, gather, open_scope, streaming_response
+from trioprovider.routes.model_requests import defaults, open_scope, respond
 from trioprovider.wire.openai import (
     ChatCompletionRequest,
     ChatStreamEncoder,
@@ -77,16 +77,15 @@ async def chat_completions() -> Response:
     invoke = chat_invoke(chat, messages, request_id=request_id, session_id="", defaults=defaults(provider))
     scope, headers = await open_scope(provider, principal, invoke, heartbeat=chat.stream)
     completion_id, created = f"chatcmpl-{request_id}", int(time.time())
-    if chat.stream:
-        include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-        encoder = ChatStreamEncoder(completion_id, created, chat.model, include_usage)
-        return streaming_response(scope, encoder, headers, "text/event-stream")
-    answer = await gather(scope)
-    if answer.error is not None:
-        raise answer.error.with_headers(headers)
-    response = jsonify(chat_completion(answer, completion_id, created, chat.model))
-    response.headers.update(headers)
-    return response
+    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+    return await respond(
+        scope,
+        headers,
+        stream=chat.stream,
+        encoder=lambda: ChatStreamEncoder(completion_id, created, chat.model, include_usage),
+        mimetype="text/event-stream",
+        whole=lambda answer: chat_completion(answer, completion_id, created, chat.model),
+    )
 
 
 @blueprint.post("/v1/completions")
@@ -100,13 +99,12 @@ async def completions() -> Response:
     invoke = completion_invoke(completion, request_id=request_id, session_id="", defaults=defaults(provider))
     scope, headers = await open_scope(provider, principal, invoke, heartbeat=completion.stream)
     completion_id, created = f"cmpl-{request_id}", int(time.time())
-    if completion.stream:
-        include_usage = bool(completion.stream_options and completion.stream_options.include_usage)
-        encoder = CompletionStreamEncoder(completion_id, created, completion.model, include_usage)
-        return streaming_response(scope, encoder, headers, "text/event-stream")
-    answer = await gather(scope)
-    if answer.error is not None:
-        raise answer.error.with_headers(headers)
-    response = jsonify(text_completion(answer, completion_id, created, completion.model))
-    response.headers.update(headers)
-    return response
+    include_usage = bool(completion.stream_options and completion.stream_options.include_usage)
+    return await respond(
+        scope,
+        headers,
+        stream=completion.stream,
+        encoder=lambda: CompletionStreamEncoder(completion_id, created, completion.model, include_usage),
+        mimetype="text/event-stream",
+        whole=lambda answer: text_completion(answer, completion_id, created, completion.model),
+    )
