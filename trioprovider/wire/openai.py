@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from trioprovider.errors import invalid_request
 from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat
-from trioprovider.protocol import ModelInvoke
+from trioprovider.protocol import Delta, ModelInvoke
 from trioprovider.wire.answer import Answer
 from trioprovider.wire.framing import SSE_DONE, SSE_KEEPALIVE, dumps, sse_record
 
@@ -120,39 +120,66 @@ def chat_invoke(
     )
 
 
-class ChatStreamEncoder:
-    """Events → ``chat.completion.chunk`` SSE records, ending with ``data: [DONE]``."""
+class _SseEncoder:
+    """Events → OpenAI SSE records for one answer, ending with ``data: [DONE]``.
+
+    Subclasses say how a delta and the finishing choice look; the rest (record head, usage
+    chunk, error record, keep-alive) is the same for chat and text completions.
+    """
+
+    object_name = ""
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
-        self._head = dumps({"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model})[:-1]
+        # The fixed head of every record, encoded once per answer rather than once per chunk.
+        self._head = dumps({"id": completion_id, "object": self.object_name, "created": created, "model": model})[:-1]
         self._include_usage = include_usage
-        self._sent_role = False
 
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        body = dumps({"choices": choices, **extra})
-        return sse_record(self._head + b"," + body[1:])
+    def _record(self, **fields: Any) -> bytes:
+        return sse_record(self._head + b"," + dumps(fields)[1:])
+
+    def _delta(self, delta: Delta) -> bytes:
+        raise NotImplementedError
+
+    def _finish_choice(self, finish_reason: str) -> dict[str, Any]:
+        raise NotImplementedError
 
     def encode(self, events: list[Event]) -> bytes:
         out = bytearray()
         for event in events:
             if isinstance(event, DeltaEvent):
-                delta = event.delta.model_dump(exclude_none=True)
-                if not self._sent_role:
-                    # OpenAI names the role in the first chunk only.
-                    delta = {"role": "assistant", **delta}
-                    self._sent_role = True
-                out += self._chunk([{"index": 0, "delta": delta, "finish_reason": None}])
+                out += self._delta(event.delta)
             elif isinstance(event, Finished):
-                delta = {} if self._sent_role else {"role": "assistant", "content": ""}
-                out += self._chunk([{"index": 0, "delta": delta, "finish_reason": event.finish_reason}])
+                out += self._record(choices=[self._finish_choice(event.finish_reason)])
                 if self._include_usage:
-                    out += self._chunk([], usage=event.usage.model_dump())
+                    out += self._record(choices=[], usage=event.usage.model_dump())
                 out += SSE_DONE
             elif isinstance(event, Failed):
                 out += sse_record(dumps(event.error.openai_body())) + SSE_DONE
             elif isinstance(event, Heartbeat):
                 out += SSE_KEEPALIVE
         return bytes(out)
+
+
+class ChatStreamEncoder(_SseEncoder):
+    """``chat.completion.chunk`` records."""
+
+    object_name = "chat.completion.chunk"
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        super().__init__(completion_id, created, model, include_usage)
+        self._sent_role = False
+
+    def _delta(self, delta: Delta) -> bytes:
+        fields = delta.model_dump(exclude_none=True)
+        if not self._sent_role:
+            # OpenAI names the role in the first chunk only.
+            fields = {"role": "assistant", **fields}
+            self._sent_role = True
+        return self._record(choices=[{"index": 0, "delta": fields, "finish_reason": None}])
+
+    def _finish_choice(self, finish_reason: str) -> dict[str, Any]:
+        delta = {} if self._sent_role else {"role": "assistant", "content": ""}
+        return {"index": 0, "delta": delta, "finish_reason": finish_reason}
 
 
 def chat_completion(answer: Answer, completion_id: str, created: int, model: str) -> dict[str, Any]:
@@ -213,32 +240,18 @@ def completion_invoke(request: CompletionRequest, *, request_id: str, session_id
     )
 
 
-class CompletionStreamEncoder:
-    """Events → ``text_completion`` SSE records, ending with ``data: [DONE]``."""
+class CompletionStreamEncoder(_SseEncoder):
+    """``text_completion`` records (legacy completions and FIM)."""
 
-    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
-        self._head = dumps({"id": completion_id, "object": "text_completion", "created": created, "model": model})[:-1]
-        self._include_usage = include_usage
+    object_name = "text_completion"
 
-    def _record(self, **fields: Any) -> bytes:
-        return sse_record(self._head + b"," + dumps(fields)[1:])
+    def _delta(self, delta: Delta) -> bytes:
+        if not delta.content:
+            return b""
+        return self._record(choices=[{"index": 0, "text": delta.content, "logprobs": None, "finish_reason": None}])
 
-    def encode(self, events: list[Event]) -> bytes:
-        out = bytearray()
-        for event in events:
-            if isinstance(event, DeltaEvent):
-                if event.delta.content:
-                    out += self._record(choices=[{"index": 0, "text": event.delta.content, "logprobs": None, "finish_reason": None}])
-            elif isinstance(event, Finished):
-                out += self._record(choices=[{"index": 0, "text": "", "logprobs": None, "finish_reason": event.finish_reason}])
-                if self._include_usage:
-                    out += self._record(choices=[], usage=event.usage.model_dump())
-                out += SSE_DONE
-            elif isinstance(event, Failed):
-                out += sse_record(dumps(event.error.openai_body())) + SSE_DONE
-            elif isinstance(event, Heartbeat):
-                out += SSE_KEEPALIVE
-        return bytes(out)
+    def _finish_choice(self, finish_reason: str) -> dict[str, Any]:
+        return {"index": 0, "text": "", "logprobs": None, "finish_reason": finish_reason}
 
 
 def text_completion(answer: Answer, completion_id: str, created: int, model: str) -> dict[str, Any]:
