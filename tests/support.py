@@ -14,6 +14,13 @@ API_KEY = "test-key-0123456789"
 BRIDGE_TOKEN = "test-bridge-token"
 
 
+async def in_thread(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a blocking client call (the official sync clients) in a worker thread."""
+    from functools import partial
+
+    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
+
+
 def make_settings(**overrides: Any) -> Settings:
     """Settings for a test server: ports 0, a known key and token, no config file, no env."""
     values: dict[str, Any] = {

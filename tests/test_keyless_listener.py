@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from functools import partial
 
 import httpx
 import ollama
@@ -10,13 +9,10 @@ import openai
 import pytest
 import trio
 
-from support import make_settings, start_server
+from support import in_thread, make_settings, start_server
 from trioprovider.agents.echo import echo_text
 from trioprovider.server import StartupError, preflight
 
-
-async def in_thread(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
 
 
 async def test_void_ollama_provider_flow_without_a_key(nursery: trio.Nursery) -> None:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-from functools import partial
 
 import httpx
 import ollama
 import pytest
 import trio
 
-from support import API_KEY, make_settings, start_server
+from support import in_thread, API_KEY, make_settings, start_server
 from trioprovider.agents.echo import echo_text
 
-
-async def in_thread(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
 
 
 @pytest.fixture

@@ -3,18 +3,14 @@ one model by id, and base URLs typed with a trailing slash."""
 
 from __future__ import annotations
 
-from functools import partial
 
 import openai
 import pytest
 import trio
 
-from support import API_KEY, make_settings, openai_client, start_server
+from support import in_thread, API_KEY, make_settings, openai_client, start_server
 from trioprovider.agents.echo import echo_text
 
-
-async def in_thread(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
 
 
 @pytest.fixture

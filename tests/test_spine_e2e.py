@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from support import (
+    in_thread,
     BRIDGE_TOKEN,
     RawHTTP,
     chat_body,
@@ -28,9 +29,6 @@ from trioprovider.bridge.server import serve_bridge
 
 USER = [{"role": "user", "content": "hello there"}]
 
-
-async def in_thread(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
-    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
 
 
 async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
