@@ -265,19 +265,32 @@ async def test_refused_connection_timeout_and_malformed_sse_are_clear_errors() -
         assert malformed.value.status_code == 502
         assert malformed.value.body["code"] == "upstream_bad_response"  # type: ignore[index]
         assert "sent a malformed answer: not an OpenAI chunk: {not json" in malformed.value.message
-        for running in (refused, upstream, slow, garbled):
+
+        # A web server that is not an OpenAI API (a wrong base URL).
+        port = await nursery.start(fake_upstream, b"<html>Welcome</html>", "text/html; charset=utf-8")
+        web_page = await start_server(nursery, front_settings(f"http://127.0.0.1:{port}", **{"agents.openai.models": ["m"]}), agents=("openai",))
+        with pytest.raises(openai.APIStatusError) as html:
+            await in_thread(openai_client(web_page).chat.completions.create, model="m", messages=USER)
+        assert html.value.body["code"] == "upstream_bad_response"  # type: ignore[index]
+        assert "a web page (text/html; charset=utf-8), not an event stream; is the base URL right?" in html.value.message
+        for running in (refused, upstream, slow, garbled, web_page):
             running.shutdown.set()
         nursery.cancel_scope.cancel()
 
 
-async def fake_upstream(body: bytes, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
-    """A server that answers every request with ``body`` as an event stream, then hangs up."""
+async def fake_upstream(body: bytes, content_type: str = "text/event-stream", task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """A server that answers every request with a 200 and ``body``, then hangs up."""
 
     async def answer(stream: trio.SocketStream) -> None:
         received = b""
         while b"\r\n\r\n" not in received:
             received += await stream.receive_some(65536)
-        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nConnection: close\r\n\r\n" + body)
+        # Read the whole request: closing with unread bytes would reset the connection.
+        head, _, body_so_far = received.partition(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:", 1)[1].split(b"\r\n", 1)[0])
+        while len(body_so_far) < length:
+            body_so_far += await stream.receive_some(65536)
+        await stream.send_all(f"HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nConnection: close\r\n\r\n".encode() + body)
         await stream.aclose()
 
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")

@@ -106,8 +106,12 @@ class UpstreamAgent:
             async with self._client.stream("POST", self.root + path, json=body) as response:
                 if response.status_code >= 300:
                     raise status_failure(response.status_code, await _read_bounded(response), self.root)
-                if response.headers.get("content-type", "").startswith("application/json"):
+                content_type = response.headers.get("content-type", "")
+                if content_type.startswith("application/json"):
                     choices, usage = whole_answer(await _read_bounded(response), self.root)
+                elif content_type.startswith("text/html"):
+                    # A web page where the API should be: most likely a wrong base URL.
+                    raise bad_response(self.root, f"a web page ({content_type}), not an event stream; is the base URL right?")
                 else:
                     choices, usage = await self._forward_stream(invoke, response, out)
         except httpx.TimeoutException as error:
