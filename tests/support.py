@@ -125,3 +125,22 @@ def sse_payloads(raw: bytes) -> list[bytes]:
     """The ``data:`` payloads of an HTTP response carrying SSE (chunked framing stripped)."""
     body = raw.split(b"\r\n\r\n", 1)[1]
     return [line[len(b"data: "):] for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+def audit_events(running: Running, event: str | None = None) -> list[dict[str, Any]]:
+    """The records of a test server's audit log (of one ``event`` kind, if given)."""
+    import json
+
+    path = Path(running.provider.settings.logging.audit_file)
+    running.provider.audit.flush()
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [record for record in records if event is None or record["event"] == event]

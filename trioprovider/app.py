@@ -305,7 +305,7 @@ def _preflight(origin: str) -> Response:
 
 
 def create_app(provider: Provider) -> QuartTrio:
-    from trioprovider.routes import health, ollama, openai
+    from trioprovider.routes import admin, health, ollama, openai
 
     app = QuartTrio("trioprovider")
     app.config["PROVIDER"] = provider
@@ -316,6 +316,7 @@ def create_app(provider: Provider) -> QuartTrio:
     app.register_blueprint(health.blueprint)
     app.register_blueprint(openai.blueprint)
     app.register_blueprint(ollama.blueprint)
+    app.register_blueprint(admin.blueprint)
 
     @app.before_request
     async def assign_request_id() -> None:
@@ -346,8 +347,7 @@ def create_app(provider: Provider) -> QuartTrio:
     async def tag_response(response: Response) -> Response:
         response.headers.setdefault("X-Request-Id", getattr(request, "request_id", ""))
         origin = request.headers.get("Origin")
-        if origin:
-            # Reached only for an allowed Origin (check_host_and_origin refused the others).
+        if origin and origin_allowed(origin, provider.settings.security.allowed_origins):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
             response.vary.add("Origin")

@@ -14,6 +14,7 @@ from trioprovider.auth import Principal
 from trioprovider.protocol import ModelInvoke
 from trioprovider.scope import Deadlines, RequestScope, StreamingBody, WireEncoder
 from trioprovider.tokens import estimate_prompt_tokens
+from trioprovider.validation import SizeLimits, check_sizes
 from trioprovider.wire.answer import Answer
 from trioprovider.wire.openai import Defaults
 
@@ -39,6 +40,8 @@ async def open_scope(
 
     Validation comes first, in the caller: a bad request changes no budget and no session.
     """
+    security = provider.settings.security
+    check_sizes(invoke, SizeLimits(security.max_messages, security.max_content_bytes, security.max_total_content_bytes))
     await provider.require_model(invoke.model)
     prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
     admission = await provider.admit(principal, prompt_tokens + (invoke.max_tokens or 0))
