@@ -1,7 +1,8 @@
-"""API keys: ``key new|list|revoke`` on the config file."""
+"""API keys: ``key new|list|revoke`` on the config file, and a running server following it."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -11,9 +12,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import trio
 
+from support import in_thread, openai_client, start_server
 from trioprovider import apikeys
+from trioprovider.agents.echo import echo_text
+from trioprovider.auth import KeyMatch, KeyRing, load_file_keys, presented_prefix
 from trioprovider.config import (
     ApiKey,
     ConfigError,
@@ -163,6 +169,111 @@ def test_edit_keys_refuses_an_invalid_config_and_changes_nothing(tmp_path: Path)
     assert path.read_text() == "[provider]\nport = \"eighty\"\n"
 
 
+# --- the key ring following the file ---------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def write_keys(path: Path, *entries: dict[str, str]) -> None:
+    replace_private(path, "[security]\n" + "".join(
+        "[[security.api_keys]]\n" + "".join(f'{name} = "{value}"\n' for name, value in item.items()) for item in entries
+    ))
+
+
+def test_ring_reloads_the_file_at_most_once_per_interval(tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    write_keys(path, entry("a", "key-a", "key-a"))
+    loads: list[Path] = []
+
+    def load(source: Path) -> list[ApiKey]:
+        loads.append(source)
+        return load_file_keys(source)
+
+    clock = Clock()
+    ring = KeyRing(source=path, file_keys=load_file_keys(path), reload_interval=1.0, load=load, clock=clock)
+    assert ring.identify("Bearer key-a") == KeyMatch("a", "key-a")
+    assert len(loads) == 1  # the first look reads the file
+    for _ in range(5):
+        assert ring.check("Bearer key-a") == "a"
+    assert len(loads) == 1  # unchanged file: a stat per interval, no read
+
+    write_keys(path, entry("b", "key-b", "key-b"))
+    clock.now += 0.5
+    assert ring.check("Bearer key-b") is None and ring.check("Bearer key-a") == "a"  # not looked at yet
+    clock.now += 0.5
+    assert ring.check("Bearer key-b") == "b" and ring.check("Bearer key-a") is None
+    assert len(loads) == 2
+
+
+def test_pinned_keys_survive_reloads_and_a_broken_file_keeps_the_old_keys(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "config.toml"
+    write_keys(path, entry("a", "key-a"))
+    settings = load_settings(path, env={"LOCAL_PROVIDER_API_KEY": "from-the-environment"})
+    clock = Clock()
+    ring = KeyRing.from_settings(settings, reload_interval=1.0, clock=clock)
+    ring.add("ephemeral", hash_key("made-for-this-run"), "made-for")
+    assert len(ring) == 3
+    assert ring.identify("Bearer from-the-environment") == KeyMatch("env", "from-the")
+
+    write_keys(path)  # every file key revoked
+    clock.now += 1
+    assert ring.check("Bearer key-a") is None
+    assert ring.check("Bearer from-the-environment") == "env"
+    assert ring.identify("Bearer made-for-this-run") == KeyMatch("ephemeral", "made-for")
+
+    write_keys(path, entry("b", "key-b"))
+    clock.now += 1
+    assert ring.check("Bearer key-b") == "b"
+
+    path.write_text("[security\nbroken")
+    clock.now += 1
+    with caplog.at_level(logging.WARNING, logger="trioprovider.auth"):
+        assert ring.check("Bearer key-b") == "b"
+        clock.now += 1
+        assert ring.check("Bearer key-b") == "b"
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "invalid TOML" in warnings[0].getMessage()  # said once, not every second
+
+    path.unlink()
+    clock.now += 1
+    assert ring.check("Bearer key-b") == "b"
+    write_keys(path, entry("c", "key-c"))
+    clock.now += 1
+    assert ring.check("Bearer key-c") == "c" and ring.check("Bearer from-the-environment") == "env"
+
+
+def test_ring_without_a_file_never_looks(tmp_path: Path) -> None:
+    def load(source: Path) -> list[ApiKey]:
+        raise AssertionError("no file to read")
+
+    ring = KeyRing([("t", hash_key("k"))], load=load)
+    assert ring.check("Bearer k") == "t" and ring.identify("Bearer k") == KeyMatch("t", "")
+    for header in (None, "", "Bearer", "Bearer ", "Basic k", "k"):
+        assert ring.identify(header) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "shown"),
+    [
+        ("Bearer 0KF_zlRG4Vj-ZR-uT3_UE0ZUmR7UauVCOtr_xyhtPtA", "0KF_zlRG"),
+        ("bearer sk-proj-abcdefghijklmnopqrstuvwxyz", "sk-proj-"),
+        ("Bearer hunter2", ""),  # short: a password, not a key
+        ("Bearer correct horse battery staple!", ""),
+        ("Bearer " + "ä" * 30, ""),
+        ("Basic 0KF_zlRG4Vj-ZR-uT3_UE0ZUmR7UauVCOtr_xyhtPtA", ""),
+        (None, ""),
+    ],
+)
+def test_presented_prefix_shows_little_and_only_of_key_shaped_tokens(header: str | None, shown: str) -> None:
+    assert presented_prefix(header) == shown
+
+
 # --- the commands, as processes ----------------------------------------------------------------
 
 
@@ -243,3 +354,76 @@ def test_an_old_config_without_prefixes_is_listed_and_edited(tmp_path: Path) -> 
     assert run_cli("key", "new", "--label", "new", "--config", str(config), cwd=tmp_path).returncode == 0
     assert private(config)  # a rewrite tightens the mode
     assert [key.label for key in load_settings(config, env={}).security.api_keys] == ["old", "new"]
+
+
+# --- a running server ---------------------------------------------------------------------------
+
+
+def server_settings(config: Path, env: dict[str, str] | None = None) -> Any:
+    return load_settings(
+        config,
+        env=env or {},
+        overrides={
+            "provider.port": 0,
+            "mcp.bridge_url": "ws://127.0.0.1:0",
+            "mcp.agent_wait_timeout": 5.0,
+            "logging.access_log": False,
+            # The polls below would otherwise spend a key's burst.
+            "rate_limiting.enabled": False,
+        },
+    )
+
+
+async def cli(*argv: str, cwd: Path) -> str:
+    result = await trio.run_process([sys.executable, "-m", "trioprovider", *argv], cwd=cwd, env=ENV, capture_stdout=True, capture_stderr=True)
+    return str(result.stdout.decode())
+
+
+async def status_with(client: httpx.AsyncClient, key: str) -> int:
+    return (await client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status_code
+
+
+async def wait_for_status(client: httpx.AsyncClient, key: str, status: int) -> None:
+    """Poll until the server answers ``key`` with ``status`` (it re-reads the file within a second or so)."""
+    with trio.fail_after(20):
+        while await status_with(client, key) != status:
+            await trio.sleep(0.05)
+
+
+async def test_a_running_server_follows_key_new_and_key_revoke(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    default_key, _ = write_initial_config(config)
+    env_key = "environment-key-0123456789"
+    settings = server_settings(config, env={"LOCAL_PROVIDER_API_KEY": env_key})
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, settings, agents=("echo",))
+        async with httpx.AsyncClient(base_url=running.provider_url, timeout=30) as client:
+            assert await status_with(client, default_key) == 200
+
+            added = SHOWN_ONCE.search(await cli("key", "new", "--label", "editor", "--config", str(config), cwd=tmp_path)).group(1)  # type: ignore[union-attr]
+            await wait_for_status(client, added, 200)
+            answer = await in_thread(
+                openai_client(running, api_key=added).chat.completions.create,
+                model="echo", messages=[{"role": "user", "content": "new key works"}], stream=False,
+            )
+            assert answer.choices[0].message.content == echo_text("new key works", settings.agents.echo.tokens)
+            assert running.provider.keys.identify(f"Bearer {added}") == KeyMatch("editor", added[:8])
+
+            await cli("key", "revoke", "default", "--config", str(config), cwd=tmp_path)
+            await wait_for_status(client, default_key, 401)
+            assert await status_with(client, added) == 200
+            assert await status_with(client, env_key) == 200  # LOCAL_PROVIDER_API_KEY outlives reloads
+        running.shutdown.set()
+
+
+async def test_the_ephemeral_key_outlives_a_key_added_while_running(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[security]\napi_keys = []\n")
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, server_settings(config))
+        assert running.ephemeral_api_key is not None
+        async with httpx.AsyncClient(base_url=running.provider_url, timeout=30) as client:
+            added = SHOWN_ONCE.search(await cli("key", "new", "--label", "first", "--config", str(config), cwd=tmp_path)).group(1)  # type: ignore[union-attr]
+            await wait_for_status(client, added, 200)
+            assert await status_with(client, running.ephemeral_api_key) == 200
+        running.shutdown.set()
