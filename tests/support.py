@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -30,6 +32,8 @@ def make_settings(**overrides: Any) -> Settings:
         "mcp.agent_wait_timeout": 0.5,
         "security.api_keys": [{"label": "test", "sha256": hash_key(API_KEY)}],
         "logging.access_log": False,
+        # Each server its own audit file, out of the working tree (tests read it back).
+        "logging.audit_file": str(Path(tempfile.mkdtemp(prefix="trioprovider-test-")) / "security_audit.log"),
     }
     values.update(overrides)
     return load_settings(None, env={}, overrides=values)

@@ -8,6 +8,7 @@ started (a client that left between the view and the first byte).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from trioprovider.auth import Principal
@@ -23,6 +24,8 @@ class Admission:
     reservation: Reservation
     _sessions: SessionStore
     released: bool = field(default=False)
+    #: Called once on release, after the session and reservation (e.g. a concurrency slot).
+    on_release: Callable[[], None] | None = None
 
     def release(self, now: float) -> None:
         if self.released:
@@ -30,6 +33,8 @@ class Admission:
         self.released = True
         self.reservation.settle(now)
         self._sessions.end_request(self.session, now)
+        if self.on_release is not None:
+            self.on_release()
 
 
 class Gate:

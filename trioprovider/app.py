@@ -17,6 +17,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from trioprovider.admission import Admission, Gate
+from trioprovider.audit import AuditLog
 from trioprovider.auth import KeyRing, Principal
 from trioprovider.bridge.calls import Bridge, Resolution
 from trioprovider.config import Settings
@@ -24,10 +25,27 @@ from trioprovider.origins import host_allowed, origin_allowed
 from trioprovider.errors import ApiError, invalid_request, model_not_found, no_agent, unauthorized
 from trioprovider.scope import RequestScope
 
-#: Admissions taken while handling the current HTTP request (see :class:`RequestGuard`).
+#: The principal of requests on the key-less Ollama listener.
+KEYLESS_LABEL = "ollama-listener"
+
 #: Bound on finishing an HTTP exchange once its last byte is ready.
 CLOSE_TIMEOUT = 5.0
+#: Headers a browser page may read from our answers (CORS).
+EXPOSED_HEADERS = ", ".join(
+    [
+        "X-Request-Id",
+        "X-Session-Id",
+        "Retry-After",
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+    ]
+)
 
+#: Admissions taken while handling the current HTTP request (see :class:`RequestGuard`).
 _admissions: ContextVar[list[Admission] | None] = ContextVar("trioprovider_admissions", default=None)
 
 
@@ -45,6 +63,12 @@ class Provider:
     draining: bool = False
     #: Port of the key-less Ollama listener (``ollama.listen``), once it is bound.
     keyless_port: int | None = None
+    audit: AuditLog = field(default_factory=AuditLog.disabled)
+    #: ``performance.max_concurrent_requests``: model requests running at once.
+    capacity: trio.CapacityLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.capacity = trio.CapacityLimiter(self.settings.performance.max_concurrent_requests)
 
     # ScopeObserver: the open scopes are what a leak check counts.
     def scope_opened(self, scope: RequestScope) -> None:
@@ -52,20 +76,61 @@ class Provider:
 
     def scope_closed(self, scope: RequestScope) -> None:
         self.scopes.discard(scope)
+        admission = scope.admission
+        self.audit.record(
+            "model_request",
+            request_id=scope.invoke.id,
+            model=scope.invoke.model,
+            kind=scope.invoke.kind,
+            stream=scope.invoke.stream,
+            key=admission.principal.key_label if admission else None,
+            client=admission.principal.client if admission else None,
+            session_id=scope.invoke.session_id,
+            prompt_tokens=scope.translator.prompt_tokens,
+            completion_tokens=scope.translator.completion_tokens,
+            outcome=scope.outcome,
+            error=scope.error_code,
+            duration_ms=round(((scope.finished_at or scope.started_at) - scope.started_at) * 1000, 1),
+        )
+
+    def violation(self, kind: str, detail: str) -> None:
+        """Audit a refused request that looked hostile (bad Host or Origin, oversize, ...)."""
+        self.audit.record(
+            "security_violation",
+            kind=kind,
+            detail=detail,
+            client=request.remote_addr,
+            method=request.method,
+            path=request.path,
+            request_id=getattr(request, "request_id", None),
+        )
 
     def on_keyless_listener(self) -> bool:
         server = request.scope.get("server")
         return self.keyless_port is not None and server is not None and server[1] == self.keyless_port
 
     def authenticate(self) -> Principal:
+        """Who is asking: the key's label (401 without a valid key), audited either way."""
+        client = request.remote_addr or "unknown"
+        authorization = request.headers.get("Authorization")
         if self.on_keyless_listener():
             # VoidEditor's Ollama provider cannot send a key; this listener is loopback-only and
-            # checks Host and Origin instead (see guard_keyless_listener).
-            return Principal("ollama-listener", request.remote_addr or "unknown")
-        label = self.keys.check(request.headers.get("Authorization"))
+            # checks Host and Origin instead (see check_host_and_origin).
+            label: str | None = KEYLESS_LABEL
+        else:
+            label = self.keys.check(authorization)
+        self.audit.record(
+            "authentication",
+            success=label is not None,
+            key=label,
+            key_prefix=None if label is not None else presented_prefix(authorization),
+            client=client,
+            path=request.path,
+            request_id=getattr(request, "request_id", None),
+        )
         if label is None:
             raise unauthorized()
-        return Principal(label, request.remote_addr or "unknown")
+        return Principal(label, client)
 
     async def require_model(self, model: str) -> None:
         """Return if ``model`` can be served now; 404 if unknown, 503 if no agent turns up."""
@@ -87,10 +152,40 @@ class Provider:
                 headers={"Retry-After": "1"},
             )
 
-    def admit(self, principal: Principal, tokens: int) -> Admission:
-        admission = self.gate.admit(
-            principal, request.headers.get("X-Session-Id"), tokens, trio.current_time()
-        )
+    async def admit(self, principal: Principal, tokens: int) -> Admission:
+        """A concurrency slot, a session and a rate reservation for one model request, or a
+        503 (no slot within ``queue_timeout``) or 429 (rate or session limits)."""
+        slot = object()  # the borrower: the slot is released by whoever ends the request
+        try:
+            self.capacity.acquire_on_behalf_of_nowait(slot)
+        except trio.WouldBlock:
+            with trio.move_on_after(self.settings.performance.queue_timeout) as waited:
+                await self.capacity.acquire_on_behalf_of(slot)
+            if waited.cancelled_caught:
+                raise ApiError(
+                503,
+                f"{self.capacity.total_tokens} requests are running (performance.max_concurrent_requests); "
+                "retry shortly.",
+                code="server_busy",
+                headers={"Retry-After": "1"},
+            )
+        try:
+            admission = self.gate.admit(
+                principal, request.headers.get("X-Session-Id"), tokens, trio.current_time()
+            )
+        except ApiError as error:
+            self.capacity.release_on_behalf_of(slot)
+            if error.status == 429:
+                self.audit.record(
+                    "rate_limit_exceeded",
+                    key=principal.key_label,
+                    client=principal.client,
+                    limit=error.code,
+                    retry_after=error.headers.get("Retry-After"),
+                    request_id=getattr(request, "request_id", None),
+                )
+            raise
+        admission.on_release = lambda: self.capacity.release_on_behalf_of(slot)
         held = _admissions.get()
         if held is not None:
             held.append(admission)
@@ -111,6 +206,20 @@ def current_provider() -> Provider:
 
 def new_request_id() -> str:
     return secrets.token_hex(12)
+
+
+def presented_prefix(authorization: str | None) -> str | None:
+    """Enough of a refused credential to tell attempts apart in the audit log, never the key:
+    the scheme and at most the first 6 characters of a token long enough to be a real one."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.strip().partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer":
+        return f"{scheme[:10]} (not Bearer)"
+    if len(token) < 16:
+        return "(short)"
+    return token[:6] + "…"
 
 
 async def read_json() -> Any:
@@ -182,12 +291,27 @@ class RequestGuard:
                 admission.release(now)
 
 
+def _preflight(origin: str) -> Response:
+    """The answer to a CORS preflight from an allowed origin (any route, any method we serve)."""
+    response = Response("", status=204)
+    response.headers["Access-Control-Allow-Origin"] = origin
+    response.headers["Access-Control-Allow-Methods"] = "GET, HEAD, POST, DELETE, OPTIONS"
+    response.headers["Access-Control-Allow-Headers"] = request.headers.get(
+        "Access-Control-Request-Headers", "Authorization, Content-Type"
+    )[:1000]
+    response.headers["Access-Control-Max-Age"] = "600"
+    response.vary.add("Origin")
+    return response
+
+
 def create_app(provider: Provider) -> QuartTrio:
     from trioprovider.routes import health, ollama, openai
 
     app = QuartTrio("trioprovider")
     app.config["PROVIDER"] = provider
     app.config["MAX_CONTENT_LENGTH"] = provider.settings.provider.max_body_bytes
+    # A body slower than this gets 408; its connection's task is the only one it holds up.
+    app.config["BODY_TIMEOUT"] = provider.settings.provider.body_timeout or None
     app.json.sort_keys = False  # type: ignore[attr-defined]
     app.register_blueprint(health.blueprint)
     app.register_blueprint(openai.blueprint)
@@ -198,18 +322,35 @@ def create_app(provider: Provider) -> QuartTrio:
         request.request_id = new_request_id()  # type: ignore[attr-defined]
 
     @app.before_request
-    async def guard_keyless_listener() -> None:
-        if not provider.on_keyless_listener():
-            return
-        assert provider.keyless_port is not None
-        if not host_allowed(request.headers.get("Host"), provider.keyless_port):
-            raise ApiError(403, "Host must be a loopback name (127.0.0.1, localhost, [::1]).", code="forbidden_host")
-        if not origin_allowed(request.headers.get("Origin"), provider.settings.security.allowed_origins):
+    async def check_host_and_origin() -> Response | None:
+        # Loopback is reachable from every page in the user's browser: a hostile name that
+        # resolves to 127.0.0.1 (DNS rebinding) shows in Host, a cross-site request in Origin.
+        server = request.scope.get("server")
+        port = (server[1] if server else None) or 0
+        if not host_allowed(request.headers.get("Host"), port, provider.settings.security.allowed_hosts):
+            provider.violation("bad_host", f"Host {request.headers.get('Host', '')[:100]!r}")
+            raise ApiError(
+                403,
+                "Host must be a loopback name (127.0.0.1, localhost, [::1]) or one of security.allowed_hosts.",
+                code="forbidden_host",
+            )
+        origin = request.headers.get("Origin")
+        if not origin_allowed(origin, provider.settings.security.allowed_origins):
+            provider.violation("bad_origin", f"Origin {origin[:100]!r}" if origin else "Origin")
             raise ApiError(403, "This Origin is not allowed (security.allowed_origins).", code="forbidden_origin")
+        if request.method == "OPTIONS" and origin and "Access-Control-Request-Method" in request.headers:
+            return _preflight(origin)
+        return None
 
     @app.after_request
     async def tag_response(response: Response) -> Response:
         response.headers.setdefault("X-Request-Id", getattr(request, "request_id", ""))
+        origin = request.headers.get("Origin")
+        if origin:
+            # Reached only for an allowed Origin (check_host_and_origin refused the others).
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+            response.vary.add("Origin")
         return response
 
     @app.errorhandler(ApiError)
@@ -222,6 +363,7 @@ def create_app(provider: Provider) -> QuartTrio:
         message = {
             404: f"Unknown route {request.method} {request.path}.",
             405: f"Method {request.method} is not allowed on {request.path}.",
+            408: "The request body did not arrive in time (provider.body_timeout).",
         }.get(status, error.description or error.name)
         return error_response(ApiError(status, message, code=error.name.lower().replace(" ", "_")))
 

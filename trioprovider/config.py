@@ -52,6 +52,8 @@ class ProviderSettings(_Section):
     #: Listening beyond loopback exposes the service to the network: it must be asked for.
     allow_non_loopback: bool = False
     max_body_bytes: Annotated[int, Field(gt=0)] = 4 * 1024 * 1024
+    #: Seconds for a request body to arrive in full; a slower one gets 408 (0: no limit).
+    body_timeout: Annotated[float, Field(ge=0)] = 10.0
     graceful_timeout: Annotated[float, Field(ge=0)] = 10.0
 
 
@@ -86,6 +88,10 @@ class SecuritySettings(_Section):
     allowed_origins: list[str] = ["http://127.0.0.1:*", "http://localhost:*", "vscode-file://vscode-app"]
     max_content_bytes: Annotated[int, Field(gt=0)] = 100 * 1024
     max_messages: Annotated[int, Field(ge=1)] = 500
+    #: Bound on all message contents (or prompt and suffix) of one request together.
+    max_total_content_bytes: Annotated[int, Field(gt=0)] = 2 * 1024 * 1024
+    #: Host names accepted besides the loopback ones (a non-loopback bind needs its own name).
+    allowed_hosts: list[str] = []
 
 
 class RateLimitSettings(_Section):
@@ -158,6 +164,8 @@ class ModelSettings(_Section):
 
 class PerformanceSettings(_Section):
     max_concurrent_requests: Annotated[int, Field(ge=1)] = 50
+    #: Seconds a request may wait for one of those slots before a 503.
+    queue_timeout: Annotated[float, Field(ge=0)] = 2.0
     #: Seconds until the agent's first reply (0: no limit).
     request_timeout: Annotated[float, Field(ge=0)] = 30.0
     #: Seconds for the whole answer (0: no limit).

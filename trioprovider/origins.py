@@ -8,16 +8,18 @@ Pure functions; the HTTP layer answers 403 when they say no.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 
-def host_allowed(host: str | None, port: int) -> bool:
-    """A loopback name, with this server's port or none."""
+def host_allowed(host: str | None, port: int, extra_names: Iterable[str] = ()) -> bool:
+    """A loopback name (or one of ``extra_names``), with this server's port or none."""
     if not host:
         return False
     host = host.strip().lower()
-    return any(host in (name, f"{name}:{port}") for name in LOOPBACK_NAMES)
+    names = (*LOOPBACK_NAMES, *(name.lower() for name in extra_names))
+    return any(host in (name, f"{name}:{port}") for name in names)
 
 
 def origin_allowed(origin: str | None, patterns: list[str]) -> bool:

@@ -119,6 +119,8 @@ class RequestScope:
         self.finished_at: float | None = None
         #: "completed", "failed", "cancelled" (client went away), or a cancel reason.
         self.outcome = "cancelled"
+        #: The error code the client was given, if the request failed.
+        self.error_code: str | None = None
         self._last_event_at = 0.0
         self._closed = False
 
@@ -222,6 +224,7 @@ class RequestScope:
                     failure = ApiError(500, "Internal error in trioprovider (see its log).", code="internal_error")
                 if failure is not None:
                     self.outcome = self.cancel_reason or "failed"
+                    self.error_code = failure.code
                     await events.send(Failed(failure))
         finally:
             if call is not None and not call.finished:
@@ -248,6 +251,7 @@ class RequestScope:
                         self.reservation.used = event.usage.total_tokens
                 elif isinstance(event, Failed):
                     self.outcome = "failed"
+                    self.error_code = event.error.code
                 self._last_event_at = trio.current_time()
                 with trio.move_on_after(CLIENT_STALL_TIMEOUT) as waited:
                     await events.send(event)

@@ -33,6 +33,7 @@ import trio
 
 from trioprovider.admission import Gate
 from trioprovider.agents.echo import EchoAgent
+from trioprovider.audit import AuditLog
 from trioprovider.agents.runner import Agent, run_agent, serve_agent
 from trioprovider.app import Provider, RequestGuard, create_app
 from trioprovider.auth import KeyRing
@@ -98,14 +99,26 @@ def check_bind(host: str, allow_non_loopback: bool) -> None:
         log.warning("LISTENING ON %s: any machine that can reach it can try your API keys", host)
 
 
-def make_hub(settings: Settings, token: str) -> BridgeHub:
+def make_hub(settings: Settings, token: str, audit: AuditLog | None = None) -> BridgeHub:
     return BridgeHub(
         token=token,
         default_model=settings.provider.model_name,
         queue_limit=settings.mcp.queue_limit,
         heartbeat_interval=settings.mcp.heartbeat_interval,
         hello_timeout=settings.mcp.connection_timeout,
+        audit=audit,
     )
+
+
+def open_audit_log(settings: Settings) -> AuditLog:
+    """The audit log of ``logging.audit_file`` (empty: none), rotating like the main log."""
+    logs = settings.logging
+    if not logs.audit_file:
+        return AuditLog.disabled()
+    try:
+        return AuditLog.to_file(logs.audit_file, max_bytes=logs.max_bytes, backup_count=logs.backup_count)
+    except OSError as error:
+        raise StartupError(f"logging.audit_file: cannot write {logs.audit_file}: {error.strerror or error}") from None
 
 
 def preflight(settings: Settings, agents: Sequence[str] = ()) -> list[Agent]:
@@ -154,79 +167,84 @@ async def serve(
     )
     shutdown = trio.Event()
 
-    async with trio.open_nursery() as root:
-        bridge: Bridge
-        hub: BridgeHub | None = None
-        if settings.mcp.embedded_bridge:
-            hub = make_hub(settings, bridge_token)
-            url = urllib.parse.urlsplit(settings.mcp.bridge_url)
-            bridge_host = url.hostname or "127.0.0.1"
-            bridge_port = await root.start(
-                partial(
-                    serve_bridge,
-                    hub,
-                    bridge_host,
-                    8787 if url.port is None else url.port,
-                    max_frame_bytes=settings.mcp.max_frame_bytes,
-                )
-            )
-            bridge_url = f"{url.scheme}://{_hostport(bridge_host, bridge_port)}"
-            bridge = hub
-            for agent in embedded_agents:
-                hub_end, agent_end = local_stream_pair(agent.agent_id, "bridge")
-                root.start_soon(hub.accept, hub_end)
-                root.start_soon(serve_agent, agent, agent_end, bridge_token)
-        else:
-            bridge_url = settings.mcp.bridge_url
-            remote = RemoteBridge(
-                url=bridge_url,
-                token=bridge_token,
-                provider_id=settings.mcp.agent_id,
-                default_model=settings.provider.model_name,
-                connection_timeout=settings.mcp.connection_timeout,
-                heartbeat_interval=settings.mcp.heartbeat_interval,
-                reconnect_attempts=settings.mcp.reconnect_attempts,
-                reconnect_delay=settings.mcp.reconnect_delay,
-                max_frame_bytes=settings.mcp.max_frame_bytes,
-            )
-            await root.start(remote.run)
-            bridge = remote
-            for agent in embedded_agents:
-                root.start_soon(
+    audit = open_audit_log(settings)
+    try:
+        async with trio.open_nursery() as root:
+            bridge: Bridge
+            hub: BridgeHub | None = None
+            if settings.mcp.embedded_bridge:
+                hub = make_hub(settings, bridge_token, audit)
+                url = urllib.parse.urlsplit(settings.mcp.bridge_url)
+                bridge_host = url.hostname or "127.0.0.1"
+                bridge_port = await root.start(
                     partial(
-                        run_agent,
-                        agent,
-                        bridge_url,
-                        bridge_token,
-                        reconnect_delay=settings.mcp.reconnect_delay,
-                        heartbeat_interval=settings.mcp.heartbeat_interval,
+                        serve_bridge,
+                        hub,
+                        bridge_host,
+                        8787 if url.port is None else url.port,
                         max_frame_bytes=settings.mcp.max_frame_bytes,
                     )
                 )
+                bridge_url = f"{url.scheme}://{_hostport(bridge_host, bridge_port)}"
+                bridge = hub
+                for agent in embedded_agents:
+                    hub_end, agent_end = local_stream_pair(agent.agent_id, "bridge")
+                    root.start_soon(hub.accept, hub_end)
+                    root.start_soon(serve_agent, agent, agent_end, bridge_token)
+            else:
+                bridge_url = settings.mcp.bridge_url
+                remote = RemoteBridge(
+                    url=bridge_url,
+                    token=bridge_token,
+                    provider_id=settings.mcp.agent_id,
+                    default_model=settings.provider.model_name,
+                    connection_timeout=settings.mcp.connection_timeout,
+                    heartbeat_interval=settings.mcp.heartbeat_interval,
+                    reconnect_attempts=settings.mcp.reconnect_attempts,
+                    reconnect_delay=settings.mcp.reconnect_delay,
+                    max_frame_bytes=settings.mcp.max_frame_bytes,
+                )
+                await root.start(remote.run)
+                bridge = remote
+                for agent in embedded_agents:
+                    root.start_soon(
+                        partial(
+                            run_agent,
+                            agent,
+                            bridge_url,
+                            bridge_token,
+                            reconnect_delay=settings.mcp.reconnect_delay,
+                            heartbeat_interval=settings.mcp.heartbeat_interval,
+                            max_frame_bytes=settings.mcp.max_frame_bytes,
+                        )
+                    )
 
-        provider = Provider(
-            settings=settings,
-            bridge=bridge,
-            keys=keys,
-            gate=Gate(sessions, limiter),
-            bridge_url=bridge_url,
-        )
-        root.start_soon(_reap_sessions, provider.gate, settings.sessions.cleanup_interval)
-        if handle_signals:
-            root.start_soon(_watch_signals, shutdown, root.cancel_scope)
-        binds = await root.start(_serve_http, provider, shutdown, root.cancel_scope)
-        task_status.started(
-            Running(
-                provider=provider,
-                provider_url=binds[0],
-                ollama_url=binds[1] if len(binds) > 1 else None,
+            provider = Provider(
+                settings=settings,
+                bridge=bridge,
+                keys=keys,
+                gate=Gate(sessions, limiter),
                 bridge_url=bridge_url,
-                bridge_token=bridge_token,
-                ephemeral_api_key=ephemeral_key,
-                hub=hub,
-                shutdown=shutdown,
+                audit=audit,
             )
-        )
+            root.start_soon(_reap_sessions, provider.gate, settings.sessions.cleanup_interval)
+            if handle_signals:
+                root.start_soon(_watch_signals, shutdown, root.cancel_scope)
+            binds = await root.start(_serve_http, provider, shutdown, root.cancel_scope)
+            task_status.started(
+                Running(
+                    provider=provider,
+                    provider_url=binds[0],
+                    ollama_url=binds[1] if len(binds) > 1 else None,
+                    bridge_url=bridge_url,
+                    bridge_token=bridge_token,
+                    ephemeral_api_key=ephemeral_key,
+                    hub=hub,
+                    shutdown=shutdown,
+                )
+            )
+    finally:
+        audit.close()
 
 
 async def _serve_http(

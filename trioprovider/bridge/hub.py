@@ -24,7 +24,15 @@ from trioprovider.bridge.calls import (
     Resolution,
     resolve,
 )
-from trioprovider.bridge.streams import CLOSE_POLICY, MessageStream, PeerClosed, cancel_when_silent
+from trioprovider.audit import AuditLog
+from trioprovider.bridge.streams import (
+    CLOSE_POLICY,
+    CLOSE_TOO_BIG,
+    MessageStream,
+    PeerClosed,
+    PeerMisbehaved,
+    cancel_when_silent,
+)
 from trioprovider.protocol import (
     PROTOCOL_VERSION,
     AgentHello,
@@ -90,6 +98,7 @@ class BridgeHub:
         heartbeat_interval: float = 30.0,
         hello_timeout: float = 10.0,
         stall_timeout: float = 1.0,
+        audit: AuditLog | None = None,
     ) -> None:
         if not token:
             raise ValueError("the bridge needs a token: any local user could otherwise register")
@@ -105,6 +114,7 @@ class BridgeHub:
         self._capacity_changed = trio.Event()
         self._membership_changed = trio.Event()
         self.rejected_hellos = 0
+        self.audit = audit or AuditLog.disabled()
 
     # -- what the provider asks -------------------------------------------------------------
 
@@ -206,13 +216,18 @@ class BridgeHub:
         try:
             with trio.fail_after(self.hello_timeout):
                 hello = await stream.receive()
-        except (PeerClosed, trio.TooSlowError):
+        except PeerClosed as closed:
+            self._audit_closed(stream, closed)
+            await stream.aclose(CLOSE_POLICY, "no hello")
+            return
+        except trio.TooSlowError:
             await stream.aclose(CLOSE_POLICY, "no hello")
             return
         reason = self._check_hello(hello)
         if reason is not None:
             self.rejected_hellos += 1
             log.warning("bridge: rejected %s: %s", stream.peer, reason)
+            self.audit.record("security_violation", kind="bridge_hello", detail=reason, client=stream.peer)
             try:
                 await stream.send(HelloReject(id=getattr(hello, "id", "hello"), reason=reason))
             except PeerClosed:
@@ -229,6 +244,13 @@ class BridgeHub:
             pass
         finally:
             await stream.aclose()
+
+    def _audit_closed(self, stream: MessageStream, closed: PeerClosed) -> None:
+        """Audit a connection that ended because its peer broke the rules."""
+        if isinstance(closed, PeerMisbehaved):
+            self.audit.record("security_violation", kind="bridge_invalid_frame", detail=str(closed)[:200], client=stream.peer)
+        elif closed.code == CLOSE_TOO_BIG:
+            self.audit.record("security_violation", kind="bridge_oversize_frame", detail="frame over mcp.max_frame_bytes", client=stream.peer)
 
     def _check_hello(self, hello: object) -> str | None:
         if not isinstance(hello, (AgentHello, ProviderHello)):
@@ -270,7 +292,8 @@ class BridgeHub:
         while True:
             try:
                 message = await link.stream.receive()
-            except PeerClosed:
+            except PeerClosed as closed:
+                self._audit_closed(link.stream, closed)
                 return
             if isinstance(message, (ModelStreamChunk, ModelResult, ModelError)):
                 outcome = await link.calls.deliver(message, self.stall_timeout)
@@ -302,7 +325,8 @@ class BridgeHub:
             while True:
                 try:
                     message = await stream.receive()
-                except PeerClosed:
+                except PeerClosed as closed:
+                    self._audit_closed(stream, closed)
                     break
                 if isinstance(message, ModelInvoke):
                     if message.id in relays:

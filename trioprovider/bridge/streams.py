@@ -27,8 +27,19 @@ CLOSE_POLICY = 1008  # bad token, bad hello, unknown version
 CLOSE_PROTOCOL = 1002  # a frame that is not a valid message
 
 
+#: The close code for a frame over ``max_frame_bytes`` (trio-websocket closes with it itself).
+CLOSE_TOO_BIG = 1009
+
+
 class PeerClosed(Exception):
-    """The other side went away (closed, crashed, or stopped answering pings)."""
+    """The other side went away (closed, crashed, or stopped answering pings).
+
+    ``code`` is the WebSocket close code when there was one (1009: it sent an oversize frame).
+    """
+
+    def __init__(self, message: str = "", code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class PeerMisbehaved(PeerClosed):
@@ -86,7 +97,7 @@ class WebSocketMessageStream:
         try:
             frame = await self._ws.get_message()
         except trio_websocket.ConnectionClosed as closed:
-            raise PeerClosed(str(closed.reason)) from None
+            raise PeerClosed(str(closed.reason), closed.reason.code if closed.reason else None) from None
         try:
             return protocol.decode(frame)
         except protocol.ProtocolError as error:

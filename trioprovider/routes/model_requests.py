@@ -41,7 +41,7 @@ async def open_scope(
     """
     await provider.require_model(invoke.model)
     prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
-    admission = provider.admit(principal, prompt_tokens + (invoke.max_tokens or 0))
+    admission = await provider.admit(principal, prompt_tokens + (invoke.max_tokens or 0))
     invoke.session_id = admission.session.id
     scope = RequestScope(
         provider.bridge,
