@@ -1,10 +1,11 @@
-"""Command line: ``python -m trioprovider [serve|init|agent|bridge|schema] ...``."""
+"""Command line: ``python -m trioprovider [serve|init|key|agent|bridge|schema] ...``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -14,9 +15,19 @@ from typing import Any
 import trio
 
 from trioprovider import __version__
-from trioprovider.config import ConfigError, Settings, load_settings, new_secret, write_initial_config
+from trioprovider.config import (
+    API_KEY_VAR,
+    CONFIG_VAR,
+    DEFAULT_PATH,
+    ConfigError,
+    Settings,
+    load_settings,
+    new_api_key,
+    new_secret,
+    write_initial_config,
+)
 
-COMMANDS = ("serve", "init", "agent", "bridge", "schema")
+COMMANDS = ("serve", "init", "key", "agent", "bridge", "schema")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init", help="write config/config.toml with a fresh API key and bridge token")
     common(init)
     init.add_argument("--force", action="store_true", help="overwrite an existing config")
+
+    key = commands.add_parser("key", help="add, list or revoke API keys in the config file")
+    key_commands = key.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    key_new = key_commands.add_parser("new", help="add a key (printed once; only its hash is stored)")
+    key_new.add_argument("--label", required=True, help="a unique name for the key (who or what uses it)")
+    key_list = key_commands.add_parser("list", help="show each key's label, prefix and creation time")
+    key_revoke = key_commands.add_parser("revoke", help="remove a key; a running server refuses it within seconds")
+    key_revoke.add_argument("which", metavar="LABEL|PREFIX", help="the key's label, or its prefix as 'key list' shows it (put -- before a prefix starting with -)")
+    for sub in (key_new, key_list, key_revoke):
+        sub.add_argument("--config", type=Path, help=f"config file (default: ${CONFIG_VAR}, else {DEFAULT_PATH})")
 
     agent = commands.add_parser("agent", help="run an agent that connects to the bridge")
     common(agent)
@@ -73,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _init(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "key":
+            return _key(args)
         settings = load_settings(args.config, overrides=_overrides(args))
         _setup_logging(settings)
         if args.command == "agent":
@@ -132,6 +155,32 @@ def _init(args: argparse.Namespace) -> int:
     print(f"Wrote {path} (mode 0600).")
     print(f"API key (shown once; only its hash is stored): {api_key}")
     print("Agents started from this directory read the bridge token from the same file.")
+    return 0
+
+
+def _key(args: argparse.Namespace) -> int:
+    from trioprovider import apikeys
+
+    path = args.config or Path(os.environ.get(CONFIG_VAR) or DEFAULT_PATH)
+    apikeys.existing_config(path)
+    if args.key_command == "new":
+        # Checked before a key is made, so a refused label never prints one.
+        apikeys.check_label(args.label, apikeys.read_keys(path))
+        plain, entry = new_api_key(args.label)
+        apikeys.edit_keys(path, lambda data: (apikeys.with_key(data, entry), None))
+        print(f"Added key {entry.label!r} (prefix {entry.prefix}) to {path}; a running server accepts it within seconds.")
+        print(f"API key (shown once; only its hash is stored): {plain}")
+    elif args.key_command == "list":
+        keys = apikeys.read_keys(path)
+        print(apikeys.key_table(keys) if keys else f"No API keys in {path}.")
+        if os.environ.get(API_KEY_VAR):
+            print(f"(and one more from {API_KEY_VAR}, for processes started with it)")
+    else:
+        removed = apikeys.edit_keys(path, lambda data: apikeys.without_key(data, args.which))
+        prefix = f" (prefix {removed.prefix})" if removed.prefix else ""
+        print(f"Revoked key {removed.label!r}{prefix} in {path}; a running server refuses it within seconds.")
+        if not apikeys.read_keys(path):
+            print("No keys are left in the file: a server started now makes a key for its run only.")
     return 0
 
 

@@ -42,7 +42,7 @@ from trioprovider.bridge.hub import BridgeHub
 from trioprovider.bridge.remote import RemoteBridge
 from trioprovider.bridge.server import serve_bridge
 from trioprovider.bridge.streams import local_stream_pair
-from trioprovider.config import Settings, hash_key, new_secret
+from trioprovider.config import Settings, hash_key, key_prefix, new_secret
 from trioprovider.ratelimit import RateLimiter
 from trioprovider.sessions import SessionStore
 
@@ -147,11 +147,12 @@ async def serve(
     """Run the provider until shut down: the root of the nursery tree above."""
     embedded_agents = preflight(settings, agents)
     bridge_token = settings.mcp.token or new_secret()
-    keys = KeyRing([(key.label, key.sha256) for key in settings.security.api_keys])
+    # Follows the config file: keys added or revoked there apply without a restart.
+    keys = KeyRing.from_settings(settings)
     ephemeral_key = None
     if not len(keys):
         ephemeral_key = new_secret()
-        keys.add("ephemeral", hash_key(ephemeral_key))
+        keys.add("ephemeral", hash_key(ephemeral_key), key_prefix(ephemeral_key))
     sessions = SessionStore(
         ttl=settings.security.session_ttl,
         max_idle=settings.sessions.max_idle_time,
