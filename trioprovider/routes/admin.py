@@ -8,7 +8,8 @@ import time
 import trio
 from quart import Blueprint, Response, jsonify, request
 
-from trioprovider.app import Provider, current_provider, presented_prefix
+from trioprovider.app import Provider, current_provider
+from trioprovider.auth import presented_prefix
 from trioprovider.errors import ApiError, unauthorized
 from trioprovider.sessions import Session
 
@@ -34,7 +35,7 @@ async def require_admin_token() -> None:
         "authentication",
         success=valid,
         key="admin" if valid else None,
-        key_prefix=None if valid else presented_prefix(authorization),
+        key_prefix=None if valid else (presented_prefix(authorization) or None),
         client=request.remote_addr,
         path=request.path,
         request_id=getattr(request, "request_id", None),
