@@ -68,12 +68,15 @@ def _parser() -> argparse.ArgumentParser:
 
     agent = commands.add_parser("agent", help="run an agent that connects to the bridge")
     common(agent)
-    agent.add_argument("name", choices=["echo"], help="which agent")
+    agent.add_argument("name", choices=["echo", "cursor-cli"], help="which agent")
     agent.add_argument("--bridge-url", help="the bridge (default from config, or ws://127.0.0.1:8787)")
     agent.add_argument("--token", help="bridge token (default from config or LOCAL_PROVIDER_BRIDGE_TOKEN)")
     agent.add_argument("--tokens", type=int, help="echo: tokens per answer")
     agent.add_argument("--delay-ms", type=float, help="echo: delay per token")
-    agent.add_argument("--models", help="echo: comma-separated model names to advertise")
+    agent.add_argument("--models", help="comma-separated model names to advertise (cursor-cli: Cursor models, passed as --model)")
+    agent.add_argument("--command", dest="cli_command", metavar="PATH", help="cursor-cli: the Cursor CLI (default: cursor-agent, else agent, on PATH)")
+    agent.add_argument("--workspace", help="cursor-cli: the directory Cursor works in (default: a private scratch directory)")
+    agent.add_argument("--model", help="cursor-cli: Cursor model for requests for the default model")
 
     bridge = commands.add_parser("bridge", help="run the bridge alone (for mcp.embedded_bridge = false)")
     common(bridge)
@@ -128,12 +131,16 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "mcp.token": get("token", None),
         "agents.echo.tokens": get("echo_tokens", None) or get("tokens", None),
         "agents.echo.delay_ms": _first(get("echo_delay_ms", None), get("delay_ms", None)),
+        "agents.cursor_cli.command": get("cli_command", None),
+        "agents.cursor_cli.workspace": get("workspace", None),
+        "agents.cursor_cli.model": get("model", None),
     }
     if get("external_bridge", False):
         overrides["mcp.embedded_bridge"] = False
     models = get("models", None)
     if models:
-        overrides["agents.echo.models"] = [name.strip() for name in models.split(",") if name.strip()]
+        section = get("name", "echo").replace("-", "_")
+        overrides[f"agents.{section}.models"] = [name.strip() for name in models.split(",") if name.strip()]
     return {key: value for key, value in overrides.items() if value is not None}
 
 
@@ -237,14 +244,28 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
     if not settings.mcp.token:
         raise ConfigError("no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'")
     agent = make_agent(args.name, settings)
-    await run_agent(
-        agent,
-        settings.mcp.bridge_url,
-        settings.mcp.token,
-        reconnect_delay=max(0.5, settings.mcp.reconnect_delay),
-        heartbeat_interval=settings.mcp.heartbeat_interval,
-        max_frame_bytes=settings.mcp.max_frame_bytes,
-    )
+    async with trio.open_nursery() as nursery:
+        # SIGTERM would otherwise end the process on the spot, skipping the cleanup that stops
+        # what agents started (the Cursor CLI's process groups): make it a cancellation.
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        await run_agent(
+            agent,
+            settings.mcp.bridge_url,
+            settings.mcp.token,
+            reconnect_delay=max(0.5, settings.mcp.reconnect_delay),
+            heartbeat_interval=settings.mcp.heartbeat_interval,
+            max_frame_bytes=settings.mcp.max_frame_bytes,
+        )
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 async def _run_bridge(settings: Settings) -> None:

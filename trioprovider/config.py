@@ -181,10 +181,29 @@ class EchoSettings(_Section):
     max_concurrency: Annotated[int, Field(ge=1)] = 16
 
 
+class CursorCliSettings(_Section):
+    #: The CLI: a path, or a name on PATH; empty: ``cursor-agent``, else ``agent``, on PATH.
+    command: str = ""
+    #: The directory Cursor works in (``--workspace``); empty: a private scratch directory.
+    workspace: str = ""
+    #: Cursor model names to advertise besides the default model; each is passed as ``--model``.
+    models: list[str] = []
+    #: ``--model`` for requests for the default model; empty: Cursor's own default.
+    model: str = ""
+    max_concurrency: Annotated[int, Field(ge=1)] = 4
+    #: Seconds between SIGTERM and SIGKILL when a run's process group is ended.
+    kill_grace: Annotated[float, Field(ge=0)] = 2.0
+    #: Where the tools Cursor ran are mentioned: reasoning, answer text, or nowhere.
+    tool_notes: Literal["reasoning", "content", "off"] = "reasoning"
+    #: More arguments for every run (e.g. ["--force"] to let Cursor run commands unasked).
+    extra_args: list[str] = []
+
+
 class AgentSettings(_Section):
     #: Agents run inside the server's nursery tree (as with --agent NAME).
     embedded: list[str] = []
     echo: EchoSettings = Field(default_factory=EchoSettings)
+    cursor_cli: CursorCliSettings = Field(default_factory=CursorCliSettings)
 
 
 class OllamaSettings(_Section):

@@ -48,7 +48,7 @@ from trioprovider.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
-AGENT_NAMES = ("echo",)
+AGENT_NAMES = ("echo", "cursor-cli")
 
 
 class StartupError(Exception):
@@ -80,6 +80,10 @@ def make_agent(name: str, settings: Settings) -> Agent:
             models=echo.models,
             max_concurrency=echo.max_concurrency,
         )
+    if name in ("cursor-cli", "cursor_cli"):
+        from trioprovider.agents.cursor_cli import make_cursor_cli_agent
+
+        return make_cursor_cli_agent(settings.agents.cursor_cli, settings.provider.model_name)
     raise StartupError(f"unknown agent {name!r}; known agents: {', '.join(AGENT_NAMES)}")
 
 
