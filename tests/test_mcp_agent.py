@@ -1,19 +1,31 @@
-"""The Cursor IDE agent (``agent mcp``): the pure request board, and the agent on a mock clock."""
+"""The Cursor IDE agent (``agent mcp``): the pure request board, the agent on a mock clock, and
+the real MCP stdio server driven by the official ``mcp`` client against a live provider."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import sys
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 import trio
 import trio.testing
+from mcp import ClientSession
+from mcp.client.stdio import StdioServerParameters, stdio_client
 
+from support import API_KEY, BRIDGE_TOKEN, RawHTTP, chat_body, make_settings, start_server
 from trioprovider.agents.board import Ending, RequestBoard, render_request
 from trioprovider.agents.ide import IdeAgent, Refusal
-from trioprovider.agents.runner import serve_agent
+from trioprovider.agents.mcp_stdio import TOOL_NAMES
+from trioprovider.agents.runner import run_agent, serve_agent
 from trioprovider.bridge.streams import LocalMessageStream, local_stream_pair
 from trioprovider.protocol import (
     AgentHello,
@@ -24,6 +36,8 @@ from trioprovider.protocol import (
     ModelResult,
     ModelStreamChunk,
 )
+
+ROOT = Path(__file__).parent.parent
 
 
 def chat(request_id: str, text: str = "hello", **extra: Any) -> ModelInvoke:
@@ -263,3 +277,196 @@ async def test_fail_request_ends_with_a_model_error(autojump_clock: trio.testing
         error = await provider.receive()
         assert isinstance(error, ModelError) and error.code == "ide_agent_failed"
         assert error.message == "the Cursor IDE agent failed the request: I cannot see that file"
+
+
+async def test_a_picked_up_request_outlives_the_first_token_deadline() -> None:
+    """The IDE agent thinks for longer than performance.request_timeout before its first word:
+    the pickup counts as the agent's first reply, so the answer still arrives."""
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, make_settings(**{"performance.request_timeout": 0.5}))
+        agent = IdeAgent(pickup_timeout=30)
+        nursery.start_soon(partial(run_agent, agent, running.bridge_url, BRIDGE_TOKEN))
+        await wait_for_agent(running)
+        client = openai.AsyncOpenAI(base_url=f"{running.provider_url}/v1", api_key=API_KEY, max_retries=0)
+        async with trio.open_nursery() as requests:
+            answers: list[Any] = []
+
+            async def ask() -> None:
+                answers.append(await client.chat.completions.create(model="cursor-ide", messages=[{"role": "user", "content": "think"}]))
+
+            requests.start_soon(ask)
+            request = await agent.wait_for_request(10)
+            await trio.sleep(1.5)  # thinking, three times the first-token deadline
+            await agent.submit_response(request["request_id"], "Thought it through.")
+        assert answers[0].choices[0].message.content == "Thought it through."
+        assert answers[0].usage.completion_tokens == 5
+        await client.close()
+        running.shutdown.set()
+        nursery.cancel_scope.cancel()
+
+
+# -- the real thing: `python -m trioprovider agent mcp` over stdio, a live provider ----------
+
+
+@asynccontextmanager
+async def mcp_agent(bridge_url: str, tmp_path: Path, *extra_args: str) -> AsyncIterator[ClientSession]:
+    """Start the agent the way Cursor does and open an MCP session with it."""
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "trioprovider", "agent", "mcp", *extra_args],
+        env={
+            "PYTHONPATH": os.environ["PYTHONPATH"],
+            "LOCAL_PROVIDER_BRIDGE_URL": bridge_url,
+            "LOCAL_PROVIDER_BRIDGE_TOKEN": BRIDGE_TOKEN,
+            "LOCAL_PROVIDER_LOG_LEVEL": "WARNING",
+        },
+        cwd=tmp_path,
+    )
+    async with stdio_client(params) as (read, write), ClientSession(read, write) as session:
+        await session.initialize()
+        yield session
+
+
+async def call(session: ClientSession, tool: str, **arguments: Any) -> tuple[bool, Any]:
+    """(is_error, the JSON answer or the error text) of one tool call."""
+    result = await session.call_tool(tool, arguments)
+    text = "".join(part.text for part in result.content if part.type == "text")
+    return bool(result.is_error), (text if result.is_error else json.loads(text))
+
+
+async def wait_for_agent(running: Any, model: str = "cursor-ide") -> None:
+    with trio.fail_after(30):
+        while not any(card.id == model for agent in running.provider.bridge.agents() for card in agent.models):
+            await trio.sleep(0.02)
+
+
+async def test_tools_idle_and_a_streamed_chat_end_to_end(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, make_settings())
+        async with mcp_agent(running.bridge_url, tmp_path) as session:
+            tools = {tool.name: tool for tool in (await session.list_tools()).tools}
+            assert set(tools) == set(TOOL_NAMES)
+            assert tools["wait_for_request"].input_schema["properties"]["timeout_s"]["default"] == 25.0
+            assert set(tools["send_chunk"].input_schema["required"]) == {"request_id", "text"}
+
+            reports: list[float] = []
+
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                reports.append(progress)
+
+            idle = await session.call_tool("wait_for_request", {"timeout_s": 1}, progress_callback=on_progress)
+            assert not idle.is_error and json.loads(idle.content[0].text)["status"] == "idle"  # type: ignore[union-attr]
+            # Progress notifications while it waited, increasing, up to the whole wait. (The
+            # client runs each callback in a task of its own: let them all run first.)
+            await trio.testing.wait_all_tasks_blocked()
+            assert len(reports) == 4 and reports == sorted(reports) and reports[-1] >= 1
+
+            await wait_for_agent(running)
+            client = openai.AsyncOpenAI(base_url=f"{running.provider_url}/v1", api_key=API_KEY, max_retries=0)
+            stream = await client.chat.completions.create(
+                model="cursor-ide", messages=[{"role": "user", "content": "Say hello."}], stream=True
+            )
+            deltas = aiter(stream)
+            is_error, request = await call(session, "wait_for_request", timeout_s=10)
+            assert not is_error and request["status"] == "request"
+            assert request["request_id"] == stream.response.headers["x-request-id"]
+            assert request["kind"] == "chat" and request["model"] == "cursor-ide"
+            assert request["conversation"] == [{"role": "user", "content": "Say hello."}]
+
+            assert await call(session, "send_chunk", request_id=request["request_id"], text="Hello") == (
+                False, {"status": "sent", "request_id": request["request_id"], "chars": 5},
+            )
+            # The client has the first part before the answer is submitted: it really streams.
+            with trio.fail_after(10):
+                first = await anext(deltas)
+                while not first.choices[0].delta.content:
+                    first = await anext(deltas)
+            assert first.choices[0].delta.content == "Hello"
+            await call(session, "send_chunk", request_id=request["request_id"], text=", world")
+            assert (await call(session, "submit_response", request_id=request["request_id"], text="!"))[1]["status"] == "submitted"
+            rest = [chunk async for chunk in deltas]
+            assert "".join(c.choices[0].delta.content or "" for c in rest if c.choices) == ", world!"
+            assert rest[-1].choices[0].finish_reason == "stop"
+
+            is_error, text = await call(session, "send_chunk", request_id=request["request_id"], text="more")
+            assert is_error and "already finished" in text
+            await client.close()
+        running.shutdown.set()
+
+
+async def test_cancelled_and_expired_requests_end_to_end(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, make_settings())
+        async with mcp_agent(running.bridge_url, tmp_path, "--pickup-timeout", "2") as session:
+            await wait_for_agent(running)
+
+            # Cancelled: the client hangs up after the IDE agent picked the request up.
+            http = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body("long story", model="cursor-ide"))
+            is_error, request = await call(session, "wait_for_request", timeout_s=10)
+            assert not is_error
+            assert (await call(session, "send_chunk", request_id=request["request_id"], text="Once"))[0] is False
+            head = await http.read_until(b"Once")
+            assert request["request_id"].encode() in head  # x-request-id
+            await http.hang_up()
+            # The cancel travels client -> provider -> bridge -> agent; until it lands, chunks
+            # still go out. Within a few seconds the agent must say it was cancelled.
+            with trio.fail_after(10):
+                while True:
+                    is_error, text = await call(session, "send_chunk", request_id=request["request_id"], text=" upon")
+                    if is_error:
+                        break
+                    await trio.sleep(0.05)
+            assert f"request {request['request_id']} was cancelled" in text
+
+            # Expired: nobody calls wait_for_request within the pickup timeout.
+            client = openai.AsyncOpenAI(base_url=f"{running.provider_url}/v1", api_key=API_KEY, max_retries=0)
+            with trio.fail_after(20), pytest.raises(openai.APIStatusError) as failure:
+                await client.chat.completions.create(model="cursor-ide", messages=[{"role": "user", "content": "anyone?"}])
+            assert failure.value.status_code == 504
+            body = failure.value.body
+            assert isinstance(body, dict)
+            assert body.get("code") == "pickup_timeout", body
+            assert "did not pick up the request within 2 s" in body["message"]
+            assert (await call(session, "wait_for_request", timeout_s=0))[1]["status"] == "idle"
+            request_id = failure.value.response.headers["x-request-id"]
+            is_error, text = await call(session, "submit_response", request_id=request_id, text="here!")
+            assert is_error and "expired" in text
+            await client.close()
+        running.shutdown.set()
+
+
+async def test_a_rejected_token_is_reported_by_the_next_wait(tmp_path: Path) -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, make_settings())
+        params = StdioServerParameters(
+            command=sys.executable,
+            args=["-m", "trioprovider", "agent", "mcp"],
+            env={"PYTHONPATH": os.environ["PYTHONPATH"], "LOCAL_PROVIDER_BRIDGE_URL": running.bridge_url, "LOCAL_PROVIDER_BRIDGE_TOKEN": "wrong"},
+            cwd=tmp_path,
+        )
+        with tempfile.TemporaryFile("w+") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write), ClientSession(read, write) as session:
+                await session.initialize()
+                with trio.fail_after(30):
+                    is_error, text = await call(session, "wait_for_request", timeout_s=25)
+            errlog.seek(0)
+            log = errlog.read()
+        assert is_error
+        assert re.search(r"the bridge at ws://\S+ rejected this agent: invalid bridge token", text), text
+        assert "restart the trioprovider MCP server" in text
+        assert "rejected this agent" in log  # and its log (stderr, shown by Cursor) says so too
+        running.shutdown.set()
+
+
+async def test_without_a_token_it_stops_at_once_with_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCAL_PROVIDER_")}
+    with trio.fail_after(60):
+        done = await trio.run_process(
+            [sys.executable, "-m", "trioprovider", "agent", "mcp"], cwd=str(tmp_path), env=env,
+            capture_stdout=True, capture_stderr=True, check=False,
+        )
+    assert done.returncode == 2
+    assert done.stdout == b""  # stdout is the MCP channel: nothing else ever goes there
+    assert done.stderr.decode().strip() == (
+        "trioprovider: no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'"
+    )

@@ -47,12 +47,14 @@ def _parser() -> argparse.ArgumentParser:
 
     agent = commands.add_parser("agent", help="run an agent that connects to the bridge")
     common(agent)
-    agent.add_argument("name", choices=["echo"], help="which agent")
+    agent.add_argument("name", choices=["echo", "mcp"], help="which agent (mcp: the Cursor IDE agent, an MCP stdio server)")
     agent.add_argument("--bridge-url", help="the bridge (default from config, or ws://127.0.0.1:8787)")
     agent.add_argument("--token", help="bridge token (default from config or LOCAL_PROVIDER_BRIDGE_TOKEN)")
     agent.add_argument("--tokens", type=int, help="echo: tokens per answer")
     agent.add_argument("--delay-ms", type=float, help="echo: delay per token")
-    agent.add_argument("--models", help="echo: comma-separated model names to advertise")
+    agent.add_argument("--models", help="comma-separated model names to advertise")
+    agent.add_argument("--pickup-timeout", type=float, help="mcp: seconds a request waits for wait_for_request")
+    agent.add_argument("--wait-timeout", type=float, help="mcp: wait_for_request's default long-poll in seconds")
 
     bridge = commands.add_parser("bridge", help="run the bridge alone (for mcp.embedded_bridge = false)")
     common(bridge)
@@ -105,12 +107,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "mcp.token": get("token", None),
         "agents.echo.tokens": get("echo_tokens", None) or get("tokens", None),
         "agents.echo.delay_ms": _first(get("echo_delay_ms", None), get("delay_ms", None)),
+        "agents.mcp.pickup_timeout": get("pickup_timeout", None),
+        "agents.mcp.wait_timeout": get("wait_timeout", None),
     }
     if get("external_bridge", False):
         overrides["mcp.embedded_bridge"] = False
     models = get("models", None)
     if models:
-        overrides["agents.echo.models"] = [name.strip() for name in models.split(",") if name.strip()]
+        overrides[f"agents.{get('name', 'echo')}.models"] = [name.strip() for name in models.split(",") if name.strip()]
     return {key: value for key, value in overrides.items() if value is not None}
 
 
@@ -185,6 +189,11 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
     from trioprovider.agents.runner import run_agent
     from trioprovider.server import make_agent
 
+    if args.name == "mcp":
+        from trioprovider.agents.mcp_stdio import run_mcp_agent
+
+        await run_mcp_agent(settings)
+        return
     if not settings.mcp.token:
         raise ConfigError("no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'")
     agent = make_agent(args.name, settings)

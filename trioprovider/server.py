@@ -79,6 +79,11 @@ def make_agent(name: str, settings: Settings) -> Agent:
             models=echo.models,
             max_concurrency=echo.max_concurrency,
         )
+    if name == "mcp":
+        raise StartupError(
+            "agent 'mcp' is an MCP stdio server that Cursor starts ('python -m trioprovider agent mcp' "
+            "in .cursor/mcp.json); it cannot run inside the server"
+        )
     raise StartupError(f"unknown agent {name!r}; known agents: {', '.join(AGENT_NAMES)}")
 
 
