@@ -470,3 +470,14 @@ async def test_without_a_token_it_stops_at_once_with_one_line(tmp_path: Path) ->
     assert done.stderr.decode().strip() == (
         "trioprovider: no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'"
     )
+
+
+def test_shipped_cursor_files_match_the_server() -> None:
+    config = json.loads((ROOT / "docs" / "cursor" / "mcp.json").read_text())
+    server = config["mcpServers"]["trioprovider"]
+    assert server["args"][:4] == ["-m", "trioprovider", "agent", "mcp"]
+    rule = (ROOT / ".cursor" / "rules" / "trioprovider-serve.mdc").read_text()
+    front = rule.split("---")[1]
+    assert "alwaysApply: false" in front and "description:" in front
+    for name in TOOL_NAMES:
+        assert name in rule
