@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
     agent = commands.add_parser("agent", help="run an agent that connects to the bridge")
     common(agent)
-    agent.add_argument("name", choices=["echo", "cursor-cli"], help="which agent")
+    agent.add_argument("name", choices=["echo", "cursor-cli", "mcp"], help="which agent (mcp: the Cursor IDE agent, an MCP stdio server)")
     agent.add_argument("--bridge-url", help="the bridge (default from config, or ws://127.0.0.1:8787)")
     agent.add_argument("--token", help="bridge token (default from config or LOCAL_PROVIDER_BRIDGE_TOKEN)")
     agent.add_argument("--tokens", type=int, help="echo: tokens per answer")
@@ -77,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--command", dest="cli_command", metavar="PATH", help="cursor-cli: the Cursor CLI (default: cursor-agent, else agent, on PATH)")
     agent.add_argument("--workspace", help="cursor-cli: the directory Cursor works in (default: a private scratch directory)")
     agent.add_argument("--model", help="cursor-cli: Cursor model for requests for the default model")
+    agent.add_argument("--pickup-timeout", type=float, help="mcp: seconds a request waits for wait_for_request")
+    agent.add_argument("--wait-timeout", type=float, help="mcp: wait_for_request's default long-poll in seconds")
 
     bridge = commands.add_parser("bridge", help="run the bridge alone (for mcp.embedded_bridge = false)")
     common(bridge)
@@ -134,6 +136,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "agents.cursor_cli.command": get("cli_command", None),
         "agents.cursor_cli.workspace": get("workspace", None),
         "agents.cursor_cli.model": get("model", None),
+        "agents.mcp.pickup_timeout": get("pickup_timeout", None),
+        "agents.mcp.wait_timeout": get("wait_timeout", None),
     }
     if get("external_bridge", False):
         overrides["mcp.embedded_bridge"] = False
@@ -241,6 +245,11 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
     from trioprovider.agents.runner import run_agent
     from trioprovider.server import make_agent
 
+    if args.name == "mcp":
+        from trioprovider.agents.mcp_stdio import run_mcp_agent
+
+        await run_mcp_agent(settings)
+        return
     if not settings.mcp.token:
         raise ConfigError("no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'")
     agent = make_agent(args.name, settings)

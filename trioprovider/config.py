@@ -199,11 +199,24 @@ class CursorCliSettings(_Section):
     extra_args: list[str] = []
 
 
+class McpAgentSettings(_Section):
+    """``agent mcp``: the Cursor IDE agent, an MCP stdio server that Cursor starts."""
+
+    models: Annotated[list[str], Field(min_length=1)] = ["cursor-ide"]
+    #: Seconds a request waits for the IDE agent's wait_for_request before it fails. Keep it
+    #: under performance.request_timeout, which would otherwise end it first with a 504.
+    pickup_timeout: Annotated[float, Field(gt=0)] = 20.0
+    #: wait_for_request's default long-poll; Cursor gives up on a tool call after 60 s.
+    wait_timeout: Annotated[float, Field(gt=0, le=50)] = 25.0
+    max_concurrency: Annotated[int, Field(ge=1)] = 4
+
+
 class AgentSettings(_Section):
     #: Agents run inside the server's nursery tree (as with --agent NAME).
     embedded: list[str] = []
     echo: EchoSettings = Field(default_factory=EchoSettings)
     cursor_cli: CursorCliSettings = Field(default_factory=CursorCliSettings)
+    mcp: McpAgentSettings = Field(default_factory=McpAgentSettings)
 
 
 class OllamaSettings(_Section):

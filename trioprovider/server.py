@@ -84,6 +84,11 @@ def make_agent(name: str, settings: Settings) -> Agent:
         from trioprovider.agents.cursor_cli import make_cursor_cli_agent
 
         return make_cursor_cli_agent(settings.agents.cursor_cli, settings.provider.model_name)
+    if name == "mcp":
+        raise StartupError(
+            "agent 'mcp' is an MCP stdio server that Cursor starts ('python -m trioprovider agent mcp' "
+            "in .cursor/mcp.json); it cannot run inside the server"
+        )
     raise StartupError(f"unknown agent {name!r}; known agents: {', '.join(AGENT_NAMES)}")
 
 
