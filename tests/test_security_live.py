@@ -314,6 +314,7 @@ async def test_a_distinctive_prompt_never_reaches_any_log(caplog: pytest.LogCapt
             assert reply.status_code == 200
         await wait_until(lambda: not running.provider.scopes)
         running.shutdown.set()
+        nursery.cancel_scope.cancel()
     audit = json.dumps(audit_events(running))
     assert "model_request" in audit and "authentication" in audit
     assert secret not in audit
