@@ -320,3 +320,16 @@ async def test_a_distinctive_prompt_never_reaches_any_log(caplog: pytest.LogCapt
     assert secret not in audit
     assert secret not in caplog.text
     assert all(secret not in str(record.args) for record in caplog.records)
+
+
+async def test_log_prompts_true_is_the_one_way_prompts_reach_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    secret = "OKAPI-prompt-2c9e-logged-on-request"
+    caplog.set_level(logging.INFO)
+    async with trio.open_nursery() as nursery:
+        running = await start_with_agent(nursery, EchoAgent(tokens=2), **{"logging.log_prompts": True})
+        async with client(running) as http:
+            assert (await http.post("/v1/chat/completions", content=chat_body(secret, stream=False))).status_code == 200
+        running.shutdown.set()
+        nursery.cancel_scope.cancel()
+    assert any(record.name == "trioprovider.prompts" and secret in record.getMessage() for record in caplog.records)
+    assert secret not in json.dumps(audit_events(running))
