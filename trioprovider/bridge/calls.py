@@ -197,3 +197,7 @@ class Bridge(Protocol):
     async def start_call(self, invoke: ModelInvoke) -> Call:
         """Send a request to an agent that serves its model; raises NoAgent or Overloaded."""
         ...
+
+    async def aclose(self) -> None:
+        """Close every bridge connection with a proper close handshake (shutdown)."""
+        ...

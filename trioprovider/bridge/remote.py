@@ -200,6 +200,10 @@ class RemoteBridge:
                             break
             nursery.cancel_scope.cancel()
 
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose(1001, "provider shutting down")
+
     def _lost(self) -> None:
         self._stream = None
         self._agents = []
