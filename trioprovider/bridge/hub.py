@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 
+from typing import Any
+
 import trio
 
 from trioprovider.bridge.calls import (
@@ -22,6 +24,7 @@ from trioprovider.bridge.calls import (
     NoAgent,
     Overloaded,
     Resolution,
+    iso_time,
     resolve,
 )
 from trioprovider.audit import AuditLog
@@ -255,6 +258,16 @@ class BridgeHub:
             self.audit.record("security_violation", kind="bridge_invalid_frame", detail=str(closed)[:200], client=stream.peer)
         elif closed.code == CLOSE_TOO_BIG:
             self.audit.record("security_violation", kind="bridge_oversize_frame", detail="frame over mcp.max_frame_bytes", client=stream.peer)
+
+    def connection(self) -> dict[str, Any]:
+        # Embedded: the provider reaches the hub in-process; what matters is who is attached.
+        seen = [link.stream.last_seen for link in self._links if link.stream.last_seen is not None]
+        return {
+            "status": "embedded",
+            "agents": len(self._links),
+            "peers": len(self._peers),
+            "last_ping": iso_time(max(seen, default=None)),
+        }
 
     async def aclose(self) -> None:
         """Say goodbye (1001, going away) to every peer at once, while their connections can
