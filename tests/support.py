@@ -125,3 +125,75 @@ def sse_payloads(raw: bytes) -> list[bytes]:
     """The ``data:`` payloads of an HTTP response carrying SSE (chunked framing stripped)."""
     body = raw.split(b"\r\n\r\n", 1)[1]
     return [line[len(b"data: "):] for line in body.split(b"\n") if line.startswith(b"data: ")]
+
+
+async def wait_until(predicate: Any, timeout: float = 10.0) -> None:
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.005)
+
+
+def audit_events(running: Running, event: str | None = None) -> list[dict[str, Any]]:
+    """The records of a test server's audit log (of one ``event`` kind, if given)."""
+    import json
+
+    path = Path(running.provider.settings.logging.audit_file)
+    running.provider.audit.flush()
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+    return [record for record in records if event is None or record["event"] == event]
+
+
+class ServerThread:
+    """A live server (and optional extra agents) in its own thread and trio run, for
+    synchronous tests such as hypothesis's, which call it from the main thread many times."""
+
+    def __init__(self, settings: Settings, agents: tuple[str, ...] = (), extra_agents: tuple[Any, ...] = ()) -> None:
+        import threading
+
+        self.settings = settings
+        self.agents = agents
+        self.extra_agents = extra_agents
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=trio.run, args=(self._main,), daemon=True)
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self.running: Running | None = None
+
+    async def _main(self) -> None:
+        from functools import partial
+
+        from trioprovider.agents.runner import run_agent
+
+        self._token = trio.lowlevel.current_trio_token()
+        self._stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+            running = await start_server(nursery, self.settings, self.agents)
+            for agent in self.extra_agents:
+                nursery.start_soon(partial(run_agent, agent, running.bridge_url, BRIDGE_TOKEN, reconnect_delay=0.1))
+            with trio.fail_after(10):
+                while len(running.provider.bridge.agents()) < len(self.agents) + len(self.extra_agents):
+                    await trio.sleep(0.01)
+            self.running = running
+            self._ready.set()
+            await self._stop.wait()
+            running.shutdown.set()
+            nursery.cancel_scope.cancel()
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` (synchronous) in the server's trio thread."""
+        return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+
+    def __enter__(self) -> Running:
+        self._thread.start()
+        if not self._ready.wait(30):
+            raise RuntimeError("the test server did not start in 30 s")
+        assert self.running is not None
+        return self.running
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stop is not None:
+            self.call(self._stop.set)
+        self._thread.join(30)

@@ -154,3 +154,30 @@ async def test_no_agent_for_the_model_is_a_503_record(autojump_clock: trio.testi
         events = await run_scope(RequestScope(hub, bad, prompt_tokens=1))
         assert isinstance(events[0], Failed) and events[0].error.status == 503
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("ending", ["complete", "disconnect", "deadline"])
+async def test_the_unused_reservation_goes_back_to_the_bucket(autojump_clock: trio.testing.MockClock, ending: str) -> None:
+    # 60 tokens a minute (one a second): a 50-token reservation is plainly visible in the bucket.
+    g = Gate(SessionStore(ttl=300, max_idle=300, max_sessions=10), RateLimiter(requests_per_minute=60, tokens_per_minute=60, burst=0))
+    agent = EchoAgent(tokens=100 if ending != "complete" else 3, delay=1)
+
+    def remaining() -> int:
+        return int(g.limiter.headers("k@c", trio.current_time())["x-ratelimit-remaining-tokens"])
+
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, agent)
+        admission = g.admit(Principal("k", "c"), None, 50, trio.current_time())
+        assert remaining() == 10
+        deadlines = Deadlines(total=2.5) if ending == "deadline" else Deadlines()
+        scope = RequestScope(hub, invoke(), prompt_tokens=1, admission=admission, deadlines=deadlines)
+        started = trio.current_time()
+        with trio.move_on_after(2.5 if ending == "disconnect" else 60):
+            await run_scope(scope)
+        assert admission.released and g.limiter.open_reservations == 0
+        used = admission.reservation.used
+        assert 1 <= used <= 10  # the prompt and the few tokens streamed before the end
+        elapsed = trio.current_time() - started
+        # Refilled at one a second since admission, plus the 50 - used that were never spent.
+        assert remaining() == min(60, int(10 + elapsed + 50 - used))
+        nursery.cancel_scope.cancel()

@@ -21,6 +21,7 @@ from support import (
     openai_client,
     sse_payloads,
     start_server,
+    wait_until,
 )
 from trioprovider.agents.echo import EchoAgent, echo_text
 from trioprovider.agents.runner import run_agent
@@ -29,12 +30,6 @@ from trioprovider.bridge.server import serve_bridge
 
 USER = [{"role": "user", "content": "hello there"}]
 
-
-
-async def wait_until(predicate, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-def]
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 async def test_models_and_chat_plain_and_streamed() -> None:

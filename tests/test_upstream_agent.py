@@ -417,3 +417,24 @@ async def test_commands_that_cannot_start_the_agent_say_why_in_one_line(tmp_path
     assert result.returncode == 2, stderr
     assert stderr.startswith("trioprovider: " + says.format(port=port)), stderr
     assert stderr.strip().count("\n") == 0, stderr
+
+
+def test_agent_flags_land_in_the_named_agents_section() -> None:
+    from trioprovider.cli import _overrides, _parser
+
+    def overrides(*argv: str) -> dict[str, Any]:
+        return _overrides(_parser().parse_args(["agent", *argv]))
+
+    assert overrides("openai", "--base-url", "http://h:1/v1", "--api-key", "k", "--model", "a", "--model", "b", "--models", "c,d", "--timeout", "9", "--max-concurrency", "3") == {
+        "agents.openai.base_url": "http://h:1/v1",
+        "agents.openai.api_key": "k",
+        "agents.openai.models": ["c", "d", "a", "b"],
+        "agents.openai.timeout": 9.0,
+        "agents.openai.max_concurrency": 3,
+    }
+    # cursor-cli's --model is the one Cursor model for the default model (the last one given).
+    assert overrides("cursor-cli", "--model", "sonnet-4", "--models", "a,b") == {
+        "agents.cursor_cli.model": "sonnet-4",
+        "agents.cursor_cli.models": ["a", "b"],
+    }
+    assert overrides("echo", "--models", "x", "--max-concurrency", "2") == {"agents.echo.models": ["x"], "agents.echo.max_concurrency": 2}

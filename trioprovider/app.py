@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from trioprovider.admission import Admission, Gate
 from trioprovider.audit import AuditLog
-from trioprovider.auth import KeyRing, Principal
+from trioprovider.auth import KeyMatch, KeyRing, Principal, presented_prefix
 from trioprovider.bridge.calls import Bridge, Resolution
 from trioprovider.config import Settings
 from trioprovider.origins import host_allowed, origin_allowed
@@ -116,21 +116,21 @@ class Provider:
         if self.on_keyless_listener():
             # VoidEditor's Ollama provider cannot send a key; this listener is loopback-only and
             # checks Host and Origin instead (see check_host_and_origin).
-            label: str | None = KEYLESS_LABEL
+            match: KeyMatch | None = KeyMatch(KEYLESS_LABEL, "")
         else:
-            label = self.keys.check(authorization)
+            match = self.keys.identify(authorization)
         self.audit.record(
             "authentication",
-            success=label is not None,
-            key=label,
-            key_prefix=None if label is not None else presented_prefix(authorization),
+            success=match is not None,
+            key=match.label if match else None,
+            key_prefix=(match.prefix if match else presented_prefix(authorization)) or None,
             client=client,
             path=request.path,
             request_id=getattr(request, "request_id", None),
         )
-        if label is None:
+        if match is None:
             raise unauthorized()
-        return Principal(label, client)
+        return Principal(match.label, client)
 
     async def require_model(self, model: str) -> None:
         """Return if ``model`` can be served now; 404 if unknown, 503 if no agent turns up."""
@@ -155,6 +155,8 @@ class Provider:
     async def admit(self, principal: Principal, tokens: int) -> Admission:
         """A concurrency slot, a session and a rate reservation for one model request, or a
         503 (no slot within ``queue_timeout``) or 429 (rate or session limits)."""
+        if self.draining:
+            raise ApiError(503, "The server is shutting down; retry when it is back.", code="shutdown", headers={"Retry-After": "5"})
         slot = object()  # the borrower: the slot is released by whoever ends the request
         try:
             self.capacity.acquire_on_behalf_of_nowait(slot)
@@ -206,20 +208,6 @@ def current_provider() -> Provider:
 
 def new_request_id() -> str:
     return secrets.token_hex(12)
-
-
-def presented_prefix(authorization: str | None) -> str | None:
-    """Enough of a refused credential to tell attempts apart in the audit log, never the key:
-    the scheme and at most the first 6 characters of a token long enough to be a real one."""
-    if not authorization:
-        return None
-    scheme, _, token = authorization.strip().partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer":
-        return f"{scheme[:10]} (not Bearer)"
-    if len(token) < 16:
-        return "(short)"
-    return token[:6] + "…"
 
 
 async def read_json() -> Any:
@@ -305,7 +293,7 @@ def _preflight(origin: str) -> Response:
 
 
 def create_app(provider: Provider) -> QuartTrio:
-    from trioprovider.routes import health, ollama, openai
+    from trioprovider.routes import admin, health, ollama, openai
 
     app = QuartTrio("trioprovider")
     app.config["PROVIDER"] = provider
@@ -316,6 +304,7 @@ def create_app(provider: Provider) -> QuartTrio:
     app.register_blueprint(health.blueprint)
     app.register_blueprint(openai.blueprint)
     app.register_blueprint(ollama.blueprint)
+    app.register_blueprint(admin.blueprint)
 
     @app.before_request
     async def assign_request_id() -> None:
@@ -346,8 +335,7 @@ def create_app(provider: Provider) -> QuartTrio:
     async def tag_response(response: Response) -> Response:
         response.headers.setdefault("X-Request-Id", getattr(request, "request_id", ""))
         origin = request.headers.get("Origin")
-        if origin:
-            # Reached only for an allowed Origin (check_host_and_origin refused the others).
+        if origin and origin_allowed(origin, provider.settings.security.allowed_origins):
             response.headers["Access-Control-Allow-Origin"] = origin
             response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
             response.vary.add("Origin")

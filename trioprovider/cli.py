@@ -1,10 +1,11 @@
-"""Command line: ``python -m trioprovider [serve|init|agent|bridge|schema] ...``."""
+"""Command line: ``python -m trioprovider [serve|init|key|agent|bridge|schema] ...``."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from functools import partial
@@ -15,9 +16,19 @@ import trio
 
 from trioprovider import __version__
 from trioprovider.agents.runner import AgentStartError
-from trioprovider.config import ConfigError, Settings, load_settings, new_secret, write_initial_config
+from trioprovider.config import (
+    API_KEY_VAR,
+    CONFIG_VAR,
+    DEFAULT_PATH,
+    ConfigError,
+    Settings,
+    load_settings,
+    new_api_key,
+    new_secret,
+    write_initial_config,
+)
 
-COMMANDS = ("serve", "init", "agent", "bridge", "schema")
+COMMANDS = ("serve", "init", "key", "agent", "bridge", "schema")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,17 +57,41 @@ def _parser() -> argparse.ArgumentParser:
     common(init)
     init.add_argument("--force", action="store_true", help="overwrite an existing config")
 
+    key = commands.add_parser("key", help="add, list or revoke API keys in the config file")
+    key_commands = key.add_subparsers(dest="key_command", metavar="ACTION", required=True)
+    key_new = key_commands.add_parser("new", help="add a key (printed once; only its hash is stored)")
+    key_new.add_argument("--label", required=True, help="a unique name for the key (who or what uses it)")
+    key_list = key_commands.add_parser("list", help="show each key's label, prefix and creation time")
+    key_revoke = key_commands.add_parser("revoke", help="remove a key; a running server refuses it within seconds")
+    key_revoke.add_argument("which", metavar="LABEL|PREFIX", help="the key's label, or its prefix as 'key list' shows it (put -- before a prefix starting with -)")
+    for sub in (key_new, key_list, key_revoke):
+        sub.add_argument("--config", type=Path, help=f"config file (default: ${CONFIG_VAR}, else {DEFAULT_PATH})")
+
     agent = commands.add_parser("agent", help="run an agent that connects to the bridge")
     common(agent)
-    agent.add_argument("name", choices=["echo", "openai"], help="which agent: echo (reference), openai (forwards to an OpenAI-compatible server)")
+    agent.add_argument(
+        "name",
+        choices=["echo", "openai", "cursor-cli", "mcp"],
+        help="which agent (openai: forwards to an OpenAI-compatible server; mcp: the Cursor IDE agent, an MCP stdio server)",
+    )
     agent.add_argument("--bridge-url", help="the bridge (default from config, or ws://127.0.0.1:8787)")
     agent.add_argument("--token", help="bridge token (default from config or LOCAL_PROVIDER_BRIDGE_TOKEN)")
     agent.add_argument("--tokens", type=int, help="echo: tokens per answer")
     agent.add_argument("--delay-ms", type=float, help="echo: delay per token")
-    agent.add_argument("--models", help="comma-separated model names to advertise")
+    agent.add_argument("--models", help="comma-separated model names to advertise (cursor-cli: Cursor models, passed as --model)")
+    agent.add_argument("--command", dest="cli_command", metavar="PATH", help="cursor-cli: the Cursor CLI (default: cursor-agent, else agent, on PATH)")
+    agent.add_argument("--workspace", help="cursor-cli: the directory Cursor works in (default: a private scratch directory)")
+    agent.add_argument(
+        "--model",
+        action="append",
+        metavar="M",
+        help="openai: a model to advertise (repeatable; default: the upstream's /v1/models); "
+        "cursor-cli: Cursor model for requests for the default model",
+    )
+    agent.add_argument("--pickup-timeout", type=float, help="mcp: seconds a request waits for wait_for_request")
+    agent.add_argument("--wait-timeout", type=float, help="mcp: wait_for_request's default long-poll in seconds")
     agent.add_argument("--base-url", help="openai: the upstream's API, e.g. http://127.0.0.1:11434/v1")
     agent.add_argument("--api-key", help="openai: the upstream's API key (or LOCAL_PROVIDER_UPSTREAM_API_KEY)")
-    agent.add_argument("--model", action="append", metavar="M", help="openai: a model to advertise (repeatable; default: the upstream's /v1/models)")
     agent.add_argument("--timeout", type=float, help="openai: seconds the upstream may stay silent")
     agent.add_argument("--max-concurrency", type=int, help="requests the agent handles at once")
 
@@ -79,6 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _init(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "key":
+            return _key(args)
         settings = load_settings(args.config, overrides=_overrides(args))
         _setup_logging(settings)
         if args.command == "agent":
@@ -114,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     get = partial(getattr, args)
+    # The config section of the agent 'agent NAME' runs (echo for the other commands).
+    section = (get("name", None) or "echo").replace("-", "_")
+    named_models: list[str] = get("model", None) or []
     overrides: dict[str, Any] = {
         "logging.level": get("log_level", None),
         "provider.host": get("host", None),
@@ -122,18 +162,23 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "mcp.token": get("token", None),
         "agents.echo.tokens": get("echo_tokens", None) or get("tokens", None),
         "agents.echo.delay_ms": _first(get("echo_delay_ms", None), get("delay_ms", None)),
+        "agents.cursor_cli.command": get("cli_command", None),
+        "agents.cursor_cli.workspace": get("workspace", None),
+        "agents.cursor_cli.model": named_models[-1] if section == "cursor_cli" and named_models else None,
+        "agents.mcp.pickup_timeout": get("pickup_timeout", None),
+        "agents.mcp.wait_timeout": get("wait_timeout", None),
+        "agents.openai.base_url": get("base_url", None),
+        "agents.openai.api_key": get("api_key", None),
+        "agents.openai.timeout": get("timeout", None),
+        f"agents.{section}.max_concurrency": get("max_concurrency", None),
     }
     if get("external_bridge", False):
         overrides["mcp.embedded_bridge"] = False
-    agent = "openai" if get("name", None) == "openai" else "echo"
     models = [name.strip() for name in (get("models", None) or "").split(",") if name.strip()]
-    models += get("model", None) or []
+    if section == "openai":
+        models += named_models
     if models:
-        overrides[f"agents.{agent}.models"] = models
-    overrides["agents.openai.base_url"] = get("base_url", None)
-    overrides["agents.openai.api_key"] = get("api_key", None)
-    overrides["agents.openai.timeout"] = get("timeout", None)
-    overrides[f"agents.{agent}.max_concurrency"] = get("max_concurrency", None)
+        overrides[f"agents.{section}.models"] = models
     return {key: value for key, value in overrides.items() if value is not None}
 
 
@@ -166,6 +211,32 @@ def _init(args: argparse.Namespace) -> int:
     print(f"Wrote {path} (mode 0600).")
     print(f"API key (shown once; only its hash is stored): {api_key}")
     print("Agents started from this directory read the bridge token from the same file.")
+    return 0
+
+
+def _key(args: argparse.Namespace) -> int:
+    from trioprovider import apikeys
+
+    path = args.config or Path(os.environ.get(CONFIG_VAR) or DEFAULT_PATH)
+    apikeys.existing_config(path)
+    if args.key_command == "new":
+        # Checked before a key is made, so a refused label never prints one.
+        apikeys.check_label(args.label, apikeys.read_keys(path))
+        plain, entry = new_api_key(args.label)
+        apikeys.edit_keys(path, lambda data: (apikeys.with_key(data, entry), None))
+        print(f"Added key {entry.label!r} (prefix {entry.prefix}) to {path}; a running server accepts it within seconds.")
+        print(f"API key (shown once; only its hash is stored): {plain}")
+    elif args.key_command == "list":
+        keys = apikeys.read_keys(path)
+        print(apikeys.key_table(keys) if keys else f"No API keys in {path}.")
+        if os.environ.get(API_KEY_VAR):
+            print(f"(and one more from {API_KEY_VAR}, for processes started with it)")
+    else:
+        removed = apikeys.edit_keys(path, lambda data: apikeys.without_key(data, args.which))
+        prefix = f" (prefix {removed.prefix})" if removed.prefix else ""
+        print(f"Revoked key {removed.label!r}{prefix} in {path}; a running server refuses it within seconds.")
+        if not apikeys.read_keys(path):
+            print("No keys are left in the file: a server started now makes a key for its run only.")
     return 0
 
 
@@ -219,10 +290,18 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
     from trioprovider.agents.runner import lifetime, run_agent
     from trioprovider.server import make_agent
 
+    if args.name == "mcp":
+        from trioprovider.agents.mcp_stdio import run_mcp_agent
+
+        await run_mcp_agent(settings)
+        return
     if not settings.mcp.token:
         raise ConfigError("no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'")
     agent = make_agent(args.name, settings)
-    async with lifetime(agent):
+    async with lifetime(agent), trio.open_nursery() as nursery:
+        # SIGTERM would otherwise end the process on the spot, skipping the cleanup that stops
+        # what agents started (the Cursor CLI's process groups): make it a cancellation.
+        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
         await run_agent(
             agent,
             settings.mcp.bridge_url,
@@ -231,6 +310,16 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
             heartbeat_interval=settings.mcp.heartbeat_interval,
             max_frame_bytes=settings.mcp.max_frame_bytes,
         )
+        nursery.cancel_scope.cancel()
+
+
+async def _stop_on_signal(scope: trio.CancelScope) -> None:
+    import signal
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 async def _run_bridge(settings: Settings) -> None:

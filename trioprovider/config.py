@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import contextlib
 import os
 import re
 import secrets
+import tempfile
 import tomllib
 import typing
 import urllib.parse
@@ -27,6 +29,8 @@ DEFAULT_PATH = Path("config/config.toml")
 CONFIG_VAR = "LOCAL_PROVIDER_CONFIG"
 #: A plain API key for this process only: hashed into ``security.api_keys``, never written back.
 API_KEY_VAR = "LOCAL_PROVIDER_API_KEY"
+#: How much of a plain API key is kept beside its hash, to tell keys apart in lists and logs.
+KEY_PREFIX_LENGTH = 8
 
 
 class ConfigError(Exception):
@@ -57,9 +61,16 @@ class ApiKey(_Section):
     label: Annotated[str, Field(min_length=1)]
     sha256: str
     created: str = ""
+    #: The plain key's first characters (empty in configs written before prefixes were kept).
+    prefix: Annotated[str, Field(max_length=KEY_PREFIX_LENGTH)] = ""
 
     # Set on the key taken from LOCAL_PROVIDER_API_KEY so that saving never writes it back.
     _from_env: bool = PrivateAttr(default=False)
+
+    @property
+    def from_env(self) -> bool:
+        """Whether this key came from LOCAL_PROVIDER_API_KEY (and so lives in no file)."""
+        return self._from_env
 
     @field_validator("sha256")
     @classmethod
@@ -193,11 +204,43 @@ class UpstreamSettings(_Section):
         return value
 
 
+class CursorCliSettings(_Section):
+    #: The CLI: a path, or a name on PATH; empty: ``cursor-agent``, else ``agent``, on PATH.
+    command: str = ""
+    #: The directory Cursor works in (``--workspace``); empty: a private scratch directory.
+    workspace: str = ""
+    #: Cursor model names to advertise besides the default model; each is passed as ``--model``.
+    models: list[str] = []
+    #: ``--model`` for requests for the default model; empty: Cursor's own default.
+    model: str = ""
+    max_concurrency: Annotated[int, Field(ge=1)] = 4
+    #: Seconds between SIGTERM and SIGKILL when a run's process group is ended.
+    kill_grace: Annotated[float, Field(ge=0)] = 2.0
+    #: Where the tools Cursor ran are mentioned: reasoning, answer text, or nowhere.
+    tool_notes: Literal["reasoning", "content", "off"] = "reasoning"
+    #: More arguments for every run (e.g. ["--force"] to let Cursor run commands unasked).
+    extra_args: list[str] = []
+
+
+class McpAgentSettings(_Section):
+    """``agent mcp``: the Cursor IDE agent, an MCP stdio server that Cursor starts."""
+
+    models: Annotated[list[str], Field(min_length=1)] = ["cursor-ide"]
+    #: Seconds a request waits for the IDE agent's wait_for_request before it fails. Keep it
+    #: under performance.request_timeout, which would otherwise end it first with a 504.
+    pickup_timeout: Annotated[float, Field(gt=0)] = 20.0
+    #: wait_for_request's default long-poll; Cursor gives up on a tool call after 60 s.
+    wait_timeout: Annotated[float, Field(gt=0, le=50)] = 25.0
+    max_concurrency: Annotated[int, Field(ge=1)] = 4
+
+
 class AgentSettings(_Section):
     #: Agents run inside the server's nursery tree (as with --agent NAME).
     embedded: list[str] = []
     echo: EchoSettings = Field(default_factory=EchoSettings)
     openai: UpstreamSettings = Field(default_factory=UpstreamSettings)
+    cursor_cli: CursorCliSettings = Field(default_factory=CursorCliSettings)
+    mcp: McpAgentSettings = Field(default_factory=McpAgentSettings)
 
 
 class OllamaSettings(_Section):
@@ -276,6 +319,18 @@ def new_secret() -> str:
     return secrets.token_urlsafe(32)
 
 
+def key_prefix(key: str) -> str:
+    """What may be shown of a plain API key: its first characters."""
+    return key[:KEY_PREFIX_LENGTH]
+
+
+def new_api_key(label: str) -> tuple[str, ApiKey]:
+    """A fresh plain API key (to show once) and the entry that stores it hashed."""
+    plain = new_secret()
+    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return plain, ApiKey(label=label, sha256=hash_key(plain), created=created, prefix=key_prefix(plain))
+
+
 def load_settings(
     path: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -304,7 +359,9 @@ def load_settings(
         if value is not None and _set(data, key, value):
             origin[key] = None
     plain_key = env.get(API_KEY_VAR, "")
-    env_key = plain_key != "" and _add_key(data, {"label": "env", "sha256": hash_key(plain_key)})
+    env_key = plain_key != "" and _add_key(
+        data, {"label": "env", "sha256": hash_key(plain_key), "prefix": key_prefix(plain_key)}
+    )
 
     try:
         settings = Settings.model_validate(data)
@@ -326,11 +383,10 @@ def write_initial_config(path: Path, *, force: bool = False) -> tuple[str, str]:
 
     Returns the plain API key (to show once; only its hash is stored) and the bridge token.
     """
-    api_key = new_secret()
+    api_key, entry = new_api_key("default")
     bridge_token = new_secret()
-    created = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     settings = Settings()
-    settings.security.api_keys = [ApiKey(label="default", sha256=hash_key(api_key), created=created)]
+    settings.security.api_keys = [entry]
     settings.security.admin_token = new_secret()
     settings.mcp.token = bridge_token
     header = (
@@ -419,6 +475,9 @@ def _toml_data(settings: Settings) -> dict[str, Any]:
 
 def _write_private(path: Path, text: str, *, replace: bool) -> None:
     """Write ``text`` to ``path``, readable by its owner only from the first byte on."""
+    if replace:
+        replace_private(path, text)
+        return
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if replace else os.O_EXCL)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -435,3 +494,37 @@ def _write_private(path: Path, text: str, *, replace: bool) -> None:
             file.write(text)
     except OSError as error:
         raise ConfigError(f"{path}: cannot write: {error.strerror or error}") from None
+
+
+def replace_private(path: Path, text: str) -> None:
+    """Replace ``path`` by a file (mode 0600) holding ``text``: a crash leaves the old file or the new one.
+
+    The text goes to a temporary file in the same directory (same file system), which then takes
+    the place of the old one in a single rename. A symlink is written through, not replaced.
+    """
+    target = Path(os.path.realpath(path))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # mkstemp creates the file readable and writable by its owner only.
+        descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot write: {error.strerror or error}") from None
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, target)
+    except BaseException as error:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        if isinstance(error, OSError):
+            raise ConfigError(f"{path}: cannot write: {error.strerror or error}") from None
+        raise
+    # The rename is durable only once the directory entry is on disk.
+    with contextlib.suppress(OSError):
+        directory = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)

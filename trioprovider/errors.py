@@ -16,6 +16,8 @@ _AGENT_STATUS = {
     "agent_disconnected": 503,
     "timeout": 504,
     "rate_limited": 429,
+    # The Cursor IDE agent (agent mcp) did not take the request in time.
+    "pickup_timeout": 504,
 }
 
 _TYPE_BY_STATUS = {

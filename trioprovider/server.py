@@ -36,7 +36,6 @@ from trioprovider.admission import Gate
 from trioprovider.agents.echo import EchoAgent
 from trioprovider.audit import AuditLog
 from trioprovider.agents.runner import Agent, lifetime, run_agent, serve_agent
-from trioprovider.agents.upstream import UpstreamAgent
 from trioprovider.app import Provider, RequestGuard, create_app
 from trioprovider.auth import KeyRing
 from trioprovider.bridge.calls import Bridge
@@ -44,13 +43,18 @@ from trioprovider.bridge.hub import BridgeHub
 from trioprovider.bridge.remote import RemoteBridge
 from trioprovider.bridge.server import serve_bridge
 from trioprovider.bridge.streams import local_stream_pair
-from trioprovider.config import Settings, hash_key, new_secret
+from trioprovider.config import Settings, hash_key, key_prefix, new_secret
 from trioprovider.ratelimit import RateLimiter
 from trioprovider.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
-AGENT_NAMES = ("echo", "openai")
+#: Seconds Hypercorn waits past ``graceful_timeout`` for the terminal records to be written.
+SHUTDOWN_MARGIN = 3.0
+#: How often a draining server looks whether its requests are done.
+SHUTDOWN_POLL = 0.05
+
+AGENT_NAMES = ("echo", "openai", "cursor-cli")
 
 
 class StartupError(Exception):
@@ -83,6 +87,8 @@ def make_agent(name: str, settings: Settings) -> Agent:
             max_concurrency=echo.max_concurrency,
         )
     if name == "openai":
+        from trioprovider.agents.upstream import UpstreamAgent
+
         upstream = settings.agents.openai
         if not upstream.base_url:
             raise StartupError(
@@ -95,6 +101,15 @@ def make_agent(name: str, settings: Settings) -> Agent:
             models=upstream.models,
             timeout=upstream.timeout,
             max_concurrency=upstream.max_concurrency,
+        )
+    if name in ("cursor-cli", "cursor_cli"):
+        from trioprovider.agents.cursor_cli import make_cursor_cli_agent
+
+        return make_cursor_cli_agent(settings.agents.cursor_cli, settings.provider.model_name)
+    if name == "mcp":
+        raise StartupError(
+            "agent 'mcp' is an MCP stdio server that Cursor starts ('python -m trioprovider agent mcp' "
+            "in .cursor/mcp.json); it cannot run inside the server"
         )
     raise StartupError(f"unknown agent {name!r}; known agents: {', '.join(AGENT_NAMES)}")
 
@@ -163,11 +178,12 @@ async def serve(
     """Run the provider until shut down: the root of the nursery tree above."""
     embedded_agents = preflight(settings, agents)
     bridge_token = settings.mcp.token or new_secret()
-    keys = KeyRing([(key.label, key.sha256) for key in settings.security.api_keys])
+    # Follows the config file: keys added or revoked there apply without a restart.
+    keys = KeyRing.from_settings(settings)
     ephemeral_key = None
     if not len(keys):
         ephemeral_key = new_secret()
-        keys.add("ephemeral", hash_key(ephemeral_key))
+        keys.add("ephemeral", hash_key(ephemeral_key), key_prefix(ephemeral_key))
     sessions = SessionStore(
         ttl=settings.security.session_ttl,
         max_idle=settings.sessions.max_idle_time,
@@ -289,7 +305,8 @@ async def _serve_http(
     config.bind = [_hostport(settings.host, settings.port)]
     if provider.settings.ollama.listen:
         config.bind.append(provider.settings.ollama.listen)
-    config.graceful_timeout = settings.graceful_timeout
+    # Hypercorn's own limit comes after ours: by then every stream has had its terminal record.
+    config.graceful_timeout = settings.graceful_timeout + SHUTDOWN_MARGIN
     # Clients send nothing while a stream runs: no read timeout may cut them off.
     config.read_timeout = None
     config.keep_alive_timeout = 75
@@ -297,22 +314,38 @@ async def _serve_http(
     config.accesslog = logging.getLogger("trioprovider.access") if provider.settings.logging.access_log else None
     config.errorlog = logging.getLogger("trioprovider.http")
 
-    async def drain() -> None:
-        await shutdown.wait()
-        provider.draining = True
-        log.info("shutting down: finishing in-flight requests (up to %.0fs)", settings.graceful_timeout)
-
-    async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await hypercorn.trio.serve(
-            RequestGuard(create_app(provider)), config, shutdown_trigger=drain, task_status=task_status
-        )
-
     async with trio.open_nursery() as nursery:
+
+        async def drain() -> None:
+            await shutdown.wait()
+            provider.draining = True
+            log.info("shutting down: finishing in-flight requests (up to %.0fs)", settings.graceful_timeout)
+            nursery.start_soon(_end_in_flight, provider, settings.graceful_timeout)
+
+        async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+            await hypercorn.trio.serve(
+                RequestGuard(create_app(provider)), config, shutdown_trigger=drain, task_status=task_status
+            )
+
         binds = await nursery.start(serve)
         if len(binds) > 1:
             provider.keyless_port = int(binds[1].rsplit(":", 1)[1])
         task_status.started(binds)
+    # HTTP is done: close the bridge connections properly before everything is cancelled.
+    await provider.bridge.aclose()
     root.cancel()
+
+
+async def _end_in_flight(provider: Provider, grace: float) -> None:
+    """Let in-flight requests finish for ``grace`` seconds, then stop the rest with a terminal
+    record for the client and ``model_cancel`` for the agent (reason ``shutdown``)."""
+    with trio.move_on_after(grace):
+        while provider.scopes:
+            await trio.sleep(SHUTDOWN_POLL)
+    if provider.scopes:
+        log.warning("shutting down: stopping %d requests still running", len(provider.scopes))
+    for scope in list(provider.scopes):
+        scope.cancel("shutdown")
 
 
 async def _reap_sessions(gate: Gate, interval: float) -> None:

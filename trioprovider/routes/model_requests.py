@@ -3,6 +3,8 @@ and answer as a stream or as one body. Shared by the OpenAI and Ollama surfaces.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,8 +16,13 @@ from trioprovider.auth import Principal
 from trioprovider.protocol import ModelInvoke
 from trioprovider.scope import Deadlines, RequestScope, StreamingBody, WireEncoder
 from trioprovider.tokens import estimate_prompt_tokens
+from trioprovider.validation import SizeLimits, check_sizes
 from trioprovider.wire.answer import Answer
 from trioprovider.wire.openai import Defaults
+
+
+#: Prompts are logged here only when ``logging.log_prompts`` is true (never by default).
+prompt_log = logging.getLogger("trioprovider.prompts")
 
 
 def defaults(provider: Provider) -> Defaults:
@@ -39,10 +46,15 @@ async def open_scope(
 
     Validation comes first, in the caller: a bad request changes no budget and no session.
     """
+    security = provider.settings.security
+    check_sizes(invoke, SizeLimits(security.max_messages, security.max_content_bytes, security.max_total_content_bytes))
     await provider.require_model(invoke.model)
     prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
     admission = await provider.admit(principal, prompt_tokens + (invoke.max_tokens or 0))
     invoke.session_id = admission.session.id
+    if provider.settings.logging.log_prompts:
+        text = invoke.messages if invoke.messages is not None else {"prompt": invoke.prompt, "suffix": invoke.suffix}
+        prompt_log.info("request %s prompt: %s", invoke.id, json.dumps(text, ensure_ascii=False))
     scope = RequestScope(
         provider.bridge,
         invoke,

@@ -1,0 +1,46 @@
+"""The audit log's pure record format and its rotating file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+
+from trioprovider.audit import AuditLog, audit_line
+
+
+def test_a_record_is_one_json_line_without_empty_fields() -> None:
+    when = dt.datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=dt.UTC)
+    line = audit_line("authentication", {"success": False, "key": None, "key_prefix": "sk-abc", "client": "127.0.0.1"}, when)
+    assert "\n" not in line
+    assert json.loads(line) == {
+        "timestamp": "2026-11-21T12:00:00.123+00:00",
+        "event": "authentication",
+        "success": False,
+        "key_prefix": "sk-abc",
+        "client": "127.0.0.1",
+    }
+
+
+def test_unknown_events_are_a_programming_error() -> None:
+    with pytest.raises(ValueError):
+        audit_line("prompt_text", {}, dt.datetime.now(dt.UTC))
+
+
+def test_the_file_rotates_at_its_size_and_keeps_its_backups(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "security_audit.log"
+    audit = AuditLog.to_file(path, max_bytes=1000, backup_count=2)
+    for number in range(60):
+        audit.record("security_violation", kind="bad_host", detail=f"attempt {number:03d}", client="127.0.0.1")
+    audit.close()
+    files = sorted(p.name for p in path.parent.iterdir())
+    assert files == ["security_audit.log", "security_audit.log.1", "security_audit.log.2"]
+    for file in path.parent.iterdir():
+        assert file.stat().st_size <= 1000
+        for line in file.read_text().splitlines():
+            assert json.loads(line)["event"] == "security_violation"
+    # The newest records are in the current file.
+    assert "attempt 059" in path.read_text()
+
