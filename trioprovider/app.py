@@ -194,6 +194,8 @@ class Provider:
     async def admit(self, principal: Principal, tokens: int) -> Admission:
         """A concurrency slot, a session and a rate reservation for one model request, or a
         503 (no slot within ``queue_timeout``) or 429 (rate or session limits)."""
+        if self.draining:
+            raise ApiError(503, "The server is shutting down; retry when it is back.", code="shutdown", headers={"Retry-After": "5"})
         slot = object()  # the borrower: the slot is released by whoever ends the request
         try:
             self.capacity.acquire_on_behalf_of_nowait(slot)
