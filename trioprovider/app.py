@@ -116,6 +116,8 @@ class Provider:
             disconnected_at=exchange.disconnected_at if exchange else None,
         )
         admission = scope.admission
+        # The usage the client was told when the answer finished, else our own count so far.
+        usage = scope.usage
         self.audit.record(
             "model_request",
             request_id=scope.invoke.id,
@@ -125,8 +127,8 @@ class Provider:
             key=admission.principal.key_label if admission else None,
             client=admission.principal.client if admission else None,
             session_id=scope.invoke.session_id,
-            prompt_tokens=scope.translator.prompt_tokens,
-            completion_tokens=scope.translator.completion_tokens,
+            prompt_tokens=usage.prompt_tokens if usage else scope.translator.prompt_tokens,
+            completion_tokens=usage.completion_tokens if usage else scope.translator.completion_tokens,
             outcome=scope.outcome,
             error=scope.error_code,
             duration_ms=round(((scope.finished_at or scope.started_at) - scope.started_at) * 1000, 1),
