@@ -171,7 +171,8 @@ async def test_sigterm_with_a_stream_in_flight_ends_it_cleanly_and_exits_0(tmp_p
         bridge = re.search(r"bridge\s+(ws://\S+)", banner).group(1)  # type: ignore[union-attr]
         # An answer far longer than the grace period.
         agent = EchoAgent(tokens=10_000, delay=0.01)
-        nursery.start_soon(partial(run_agent, agent, bridge, token, reconnect_delay=0.1, reconnect_attempts=1))
+        # Keeps retrying once the server is gone, until the test ends it.
+        nursery.start_soon(partial(run_agent, agent, bridge, token, reconnect_delay=0.1))
         stream = await RawHTTP.post(url, "/v1/chat/completions", chat_body(), api_key=key)
         await stream.read_until(b'"content"')
         process.send_signal(signal.SIGTERM)

@@ -27,7 +27,7 @@ async def test_draining_finishes_short_answers_and_ends_long_ones_with_terminal_
 
         running = await outer.start(run_server)
         for agent in (long_agent, short_agent):
-            outer.start_soon(partial(run_agent, agent, running.bridge_url, BRIDGE_TOKEN, reconnect_delay=0.1, reconnect_attempts=0))
+            outer.start_soon(partial(run_agent, agent, running.bridge_url, BRIDGE_TOKEN, reconnect_delay=0.1))
         await wait_until(lambda: len(running.provider.bridge.agents()) == 2)
         sse = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body(model="long"))
         ndjson = await RawHTTP.post(running.ollama_url, "/api/chat", json.dumps({"model": "long", "messages": [{"role": "user", "content": "hi"}]}).encode())
