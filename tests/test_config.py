@@ -139,6 +139,7 @@ def test_every_env_var_sets_its_key() -> None:
         "mcp.embedded_bridge": "false",
         "ollama.listen": "localhost:1",
         "logging.level": "error",
+        "agents.openai.base_url": "http://127.0.0.1:7/v1",
     }
     for variable, key in ENV_VARS.items():
         if variable == "LOCAL_PROVIDER_API_KEY":

@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from trioprovider import __version__
+from trioprovider.agents.runner import AgentStartError
 from trioprovider.config import ConfigError, Settings, load_settings, new_secret, write_initial_config
 
 COMMANDS = ("serve", "init", "agent", "bridge", "schema")
@@ -47,12 +48,17 @@ def _parser() -> argparse.ArgumentParser:
 
     agent = commands.add_parser("agent", help="run an agent that connects to the bridge")
     common(agent)
-    agent.add_argument("name", choices=["echo"], help="which agent")
+    agent.add_argument("name", choices=["echo", "openai"], help="which agent: echo (reference), openai (forwards to an OpenAI-compatible server)")
     agent.add_argument("--bridge-url", help="the bridge (default from config, or ws://127.0.0.1:8787)")
     agent.add_argument("--token", help="bridge token (default from config or LOCAL_PROVIDER_BRIDGE_TOKEN)")
     agent.add_argument("--tokens", type=int, help="echo: tokens per answer")
     agent.add_argument("--delay-ms", type=float, help="echo: delay per token")
-    agent.add_argument("--models", help="echo: comma-separated model names to advertise")
+    agent.add_argument("--models", help="comma-separated model names to advertise")
+    agent.add_argument("--base-url", help="openai: the upstream's API, e.g. http://127.0.0.1:11434/v1")
+    agent.add_argument("--api-key", help="openai: the upstream's API key (or LOCAL_PROVIDER_UPSTREAM_API_KEY)")
+    agent.add_argument("--model", action="append", metavar="M", help="openai: a model to advertise (repeatable; default: the upstream's /v1/models)")
+    agent.add_argument("--timeout", type=float, help="openai: seconds the upstream may stay silent")
+    agent.add_argument("--max-concurrency", type=int, help="requests the agent handles at once")
 
     bridge = commands.add_parser("bridge", help="run the bridge alone (for mcp.embedded_bridge = false)")
     common(bridge)
@@ -76,7 +82,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config, overrides=_overrides(args))
         _setup_logging(settings)
         if args.command == "agent":
-            trio.run(_run_agent, settings, args)
+            from trioprovider.server import StartupError
+
+            try:
+                trio.run(_run_agent, settings, args)
+            except (StartupError, AgentStartError) as error:
+                raise ConfigError(str(error)) from None
         elif args.command == "bridge":
             trio.run(_run_bridge, settings)
         else:
@@ -87,6 +98,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trio.run(_run_server, settings, args.agent)
             except StartupError as error:
                 raise ConfigError(str(error)) from None
+            except BaseExceptionGroup as group:
+                # An embedded agent that cannot start stops the server from inside its nurseries.
+                failure = _start_failure(group)
+                if failure is None:
+                    raise
+                raise ConfigError(str(failure)) from None
     except ConfigError as error:
         print(f"trioprovider: {error}", file=sys.stderr)
         return 2
@@ -108,10 +125,27 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
     if get("external_bridge", False):
         overrides["mcp.embedded_bridge"] = False
-    models = get("models", None)
+    agent = "openai" if get("name", None) == "openai" else "echo"
+    models = [name.strip() for name in (get("models", None) or "").split(",") if name.strip()]
+    models += get("model", None) or []
     if models:
-        overrides["agents.echo.models"] = [name.strip() for name in models.split(",") if name.strip()]
+        overrides[f"agents.{agent}.models"] = models
+    overrides["agents.openai.base_url"] = get("base_url", None)
+    overrides["agents.openai.api_key"] = get("api_key", None)
+    overrides["agents.openai.timeout"] = get("timeout", None)
+    overrides[f"agents.{agent}.max_concurrency"] = get("max_concurrency", None)
     return {key: value for key, value in overrides.items() if value is not None}
+
+
+def _start_failure(group: BaseExceptionGroup[BaseException]) -> AgentStartError | None:
+    """The agent start-up failure a group holds, if that is all it holds."""
+    match, rest = group.split(AgentStartError)
+    if match is None or rest is not None:
+        return None
+    failure: BaseException = match
+    while isinstance(failure, BaseExceptionGroup):
+        failure = failure.exceptions[0]
+    return failure if isinstance(failure, AgentStartError) else None
 
 
 def _first(*values: Any) -> Any:
@@ -182,20 +216,21 @@ def banner(running: Any, settings: Settings) -> str:
 
 
 async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
-    from trioprovider.agents.runner import run_agent
+    from trioprovider.agents.runner import lifetime, run_agent
     from trioprovider.server import make_agent
 
     if not settings.mcp.token:
         raise ConfigError("no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'")
     agent = make_agent(args.name, settings)
-    await run_agent(
-        agent,
-        settings.mcp.bridge_url,
-        settings.mcp.token,
-        reconnect_delay=max(0.5, settings.mcp.reconnect_delay),
-        heartbeat_interval=settings.mcp.heartbeat_interval,
-        max_frame_bytes=settings.mcp.max_frame_bytes,
-    )
+    async with lifetime(agent):
+        await run_agent(
+            agent,
+            settings.mcp.bridge_url,
+            settings.mcp.token,
+            reconnect_delay=max(0.5, settings.mcp.reconnect_delay),
+            heartbeat_interval=settings.mcp.heartbeat_interval,
+            max_frame_bytes=settings.mcp.max_frame_bytes,
+        )
 
 
 async def _run_bridge(settings: Settings) -> None:

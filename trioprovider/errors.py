@@ -15,6 +15,7 @@ _AGENT_STATUS = {
     "overloaded": 503,
     "agent_disconnected": 503,
     "timeout": 504,
+    "rate_limited": 429,
 }
 
 _TYPE_BY_STATUS = {

@@ -6,7 +6,8 @@
     └── root nursery
         ├── bridge hub on ws://127.0.0.1:8787     (embedded; or a RemoteBridge link to an external one)
         │     └── per peer: reader, liveness pings; per relayed request: a relay task
-        ├── embedded agents                        (each a bridge peer over an in-process stream)
+        ├── embedded agents                        (each a bridge peer over an in-process stream, after
+        │                                           its start-up: openai lists its upstream's models)
         ├── session reaper                         (ends expired and idle sessions)
         ├── HTTP: hypercorn.trio.serve(app)        (http://127.0.0.1:8788)
         │     └── per connection → per request (quart-trio's nursery, cancelled on disconnect)
@@ -23,7 +24,7 @@ import ipaddress
 import logging
 import signal
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -33,7 +34,8 @@ import trio
 
 from trioprovider.admission import Gate
 from trioprovider.agents.echo import EchoAgent
-from trioprovider.agents.runner import Agent, run_agent, serve_agent
+from trioprovider.agents.runner import Agent, lifetime, run_agent, serve_agent
+from trioprovider.agents.upstream import UpstreamAgent
 from trioprovider.app import Provider, RequestGuard, create_app
 from trioprovider.auth import KeyRing
 from trioprovider.bridge.calls import Bridge
@@ -47,7 +49,7 @@ from trioprovider.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
-AGENT_NAMES = ("echo",)
+AGENT_NAMES = ("echo", "openai")
 
 
 class StartupError(Exception):
@@ -78,6 +80,20 @@ def make_agent(name: str, settings: Settings) -> Agent:
             delay=echo.delay_ms / 1000,
             models=echo.models,
             max_concurrency=echo.max_concurrency,
+        )
+    if name == "openai":
+        upstream = settings.agents.openai
+        if not upstream.base_url:
+            raise StartupError(
+                "agents.openai.base_url is not set: pass --base-url URL ('agent openai'), "
+                "set LOCAL_PROVIDER_UPSTREAM_BASE_URL, or set it under [agents.openai]"
+            )
+        return UpstreamAgent(
+            base_url=upstream.base_url,
+            api_key=upstream.api_key,
+            models=upstream.models,
+            timeout=upstream.timeout,
+            max_concurrency=upstream.max_concurrency,
         )
     raise StartupError(f"unknown agent {name!r}; known agents: {', '.join(AGENT_NAMES)}")
 
@@ -174,7 +190,7 @@ async def serve(
             for agent in embedded_agents:
                 hub_end, agent_end = local_stream_pair(agent.agent_id, "bridge")
                 root.start_soon(hub.accept, hub_end)
-                root.start_soon(serve_agent, agent, agent_end, bridge_token)
+                await root.start(_run_embedded, agent, partial(serve_agent, agent, agent_end, bridge_token))
         else:
             bridge_url = settings.mcp.bridge_url
             remote = RemoteBridge(
@@ -191,7 +207,9 @@ async def serve(
             await root.start(remote.run)
             bridge = remote
             for agent in embedded_agents:
-                root.start_soon(
+                await root.start(
+                    _run_embedded,
+                    agent,
                     partial(
                         run_agent,
                         agent,
@@ -226,6 +244,19 @@ async def serve(
                 shutdown=shutdown,
             )
         )
+
+
+async def _run_embedded(
+    agent: Agent,
+    run: Callable[[], Awaitable[object]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start an embedded agent (a failure, such as an unreachable upstream, stops the server at
+    start), then ``run`` it."""
+    async with lifetime(agent):
+        task_status.started()
+        await run()
 
 
 async def _serve_http(
