@@ -27,6 +27,8 @@ from bench import canned
 #: Connections being opened at once: stays under Hypercorn's default listen backlog (100), so
 #: no SYN is dropped and retried a second later, which would be a client artefact.
 CONNECT_LIMIT = 32
+#: Seconds a held stream may take to start (its response head) before it counts as stalled.
+STREAM_START_TIMEOUT = 20.0
 
 
 class ServerClosed(Exception):
@@ -349,23 +351,30 @@ async def hold(target: Target, steps: list[int]) -> dict[str, Any]:
     opened: list[Connection] = []
     refused = 0
 
+    stalled = 0
+
     async def open_one() -> None:
-        nonlocal refused
+        nonlocal refused, stalled
         connection = await Connection.open(target.host, target.port, limit)
-        async with limit:
-            await connection.stream.send_all(request)
+        status = 0
+        # A server that cannot start this many streams leaves some unanswered: count those
+        # rather than wait for ever.
+        with trio.move_on_after(STREAM_START_TIMEOUT):
+            async with limit:
+                await connection.stream.send_all(request)
             status, _headers = await connection._head()
         if status == 200:
             opened.append(connection)
         else:
-            refused += 1
+            refused += status != 0
+            stalled += status == 0
             await connection.aclose()
 
     for step in steps:
         async with trio.open_nursery() as nursery:
-            for _ in range(step - len(opened) - refused):
+            for _ in range(step - len(opened) - refused - stalled):
                 nursery.start_soon(open_one)
-        sys.stdout.write(json.dumps({"open": len(opened), "refused": refused}) + "\n")
+        sys.stdout.write(json.dumps({"open": len(opened), "refused": refused, "stalled": stalled}) + "\n")
         sys.stdout.flush()
         await trio.to_thread.run_sync(sys.stdin.readline)
     for connection in opened:

@@ -155,7 +155,7 @@ class HeldStreams:
             argv += [f"--{name.replace('_', '-')}", str(value)]
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=ROOT)
 
-    def wait_step(self, timeout: float = 120.0) -> dict[str, Any]:
+    def wait_step(self, timeout: float = 300.0) -> dict[str, Any]:
         """Wait until the current step's streams are open; how many are (and were refused)."""
         assert self.process.stdout is not None
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)

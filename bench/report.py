@@ -176,6 +176,10 @@ def markdown(results: dict[str, Any]) -> str:
                     f"| {name} | {mem['idle_rss'] / MB:.1f} | {top['streams']}{' (' + str(mem['refused']) + ' refused)' if mem['refused'] else ''} | "
                     f"{top['rss'] / MB:.1f} | {_fmt(mem['bytes_per_stream'])} | {mem['rss_after_close'] / MB:.1f} |"
                 )
+                if mem.get("stalled"):
+                    lines[-1] = lines[-1].replace(f"| {top['streams']}", f"| {top['streams']} ({mem['stalled']} never started)", 1)
+            elif t[name].get("memory_error"):
+                lines.append(f"| {name} | failed: {t[name]['memory_error'][:200]} | | | | |")
         lines.append("")
     lines += ["![latency against concurrency](latency.png)", "", "![memory against streams](memory.png)", ""]
     return "\n".join(lines)

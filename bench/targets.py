@@ -97,7 +97,7 @@ def litellm_status(install: bool) -> str | None:
 
 
 def upstream_status() -> str | None:
-    if importlib.util.find_spec("trioprovider.agents.upstream") is None:
+    if importlib.util.find_spec("trioprovider.agents.upstream") is None:  # before the upstream branch
         return "the upstream agent (trioprovider/agents/upstream.py) is not on this branch yet"
     return None
 

@@ -28,10 +28,10 @@ import trio
 from bench import canned
 from bench.control import announce, answer_stats, rss_bytes
 from trioprovider.agents.echo import EchoAgent
-from trioprovider.agents.runner import Agent, serve_agent
+from trioprovider.agents.runner import serve_agent
 from trioprovider.bridge.streams import local_stream_pair
 from trioprovider.config import hash_key, load_settings
-from trioprovider.server import Running, make_agent, serve
+from trioprovider.server import Running, serve
 
 API_KEY = "bench-key-0123456789"
 #: Enough agent slots and queue for the largest scenario (1,000 concurrent streams).
@@ -45,12 +45,9 @@ def count_tasks() -> int:
             for child in nursery.child_tasks:
                 yield from walk(child)
 
-    return sum(1 for _ in walk(trio.lowlevel.current_root_task()))
-
-
-def _upstream_agent(settings: Any, upstream: str) -> Agent:
-    """The upstream (OpenAI-compatible) agent in front of ``upstream``, built as the server builds it."""
-    return make_agent("openai", settings)
+    root = trio.lowlevel.current_root_task()
+    assert root is not None
+    return len(list(walk(root)))
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -72,24 +69,23 @@ async def main(args: argparse.Namespace) -> None:
     # As the command line sets it up: INFO to standard error (which the driver sends to a file).
     logging.basicConfig(level=settings.logging.level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
 
-    agent: Agent = (
-        EchoAgent(tokens=canned.TOKENS, delay=args.delay_ms / 1000, max_concurrency=CAPACITY)
-        if args.agent == "echo"
-        else _upstream_agent(settings, args.upstream)
-    )
+    echo = EchoAgent(tokens=canned.TOKENS, delay=args.delay_ms / 1000, max_concurrency=CAPACITY) if args.agent == "echo" else None
     async with trio.open_nursery() as nursery:
-        running: Running = await nursery.start(partial(serve, settings))
+        # The upstream agent is embedded by the server itself (its hang-ups are timed at the
+        # mock upstream); the echo agent is attached here, as the server would attach it.
+        running: Running = await nursery.start(partial(serve, settings, agents=() if echo else ("openai",)))
         assert running.hub is not None
-        hub_end, agent_end = local_stream_pair(agent.agent_id, "bridge")
-        nursery.start_soon(running.hub.accept, hub_end)
-        nursery.start_soon(serve_agent, agent, agent_end, running.bridge_token)
+        if echo is not None:
+            hub_end, agent_end = local_stream_pair(echo.agent_id, "bridge")
+            nursery.start_soon(running.hub.accept, hub_end)
+            nursery.start_soon(serve_agent, echo, agent_end, running.bridge_token)
         while not running.hub.agents():
             await trio.sleep(0.01)
         clock_offset = trio.current_time() - time.perf_counter()
 
         def stats() -> dict[str, Any]:
             provider = running.provider
-            cancels = [(request_id, at - clock_offset) for request_id, at in getattr(agent, "cancelled", [])]
+            cancels = [(request_id, at - clock_offset) for request_id, at in (echo.cancelled if echo else [])]
             return {
                 "rss": rss_bytes(),
                 "cancels": cancels,
@@ -100,14 +96,14 @@ async def main(args: argparse.Namespace) -> None:
                 "tasks": count_tasks(),
             }
 
-        announce(url=running.provider_url, api_key=API_KEY, model=agent.models[0].id, rss=rss_bytes())
+        announce(url=running.provider_url, api_key=API_KEY, rss=rss_bytes(), **({"model": "echo"} if echo else {}))
         await answer_stats(stats)
         nursery.cancel_scope.cancel()
 
 
 def upstream_overrides(upstream: str) -> dict[str, Any]:
-    """Settings of the upstream agent (its section is not on this branch yet)."""
-    return {}
+    """The upstream agent in front of the mock; it learns the mock's models from /v1/models."""
+    return {"agents.openai.base_url": upstream, "agents.openai.max_concurrency": CAPACITY}
 
 
 if __name__ == "__main__":
