@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import time
@@ -21,9 +22,12 @@ from trioprovider.audit import AuditLog
 from trioprovider.auth import KeyMatch, KeyRing, Principal, presented_prefix
 from trioprovider.bridge.calls import Bridge, Resolution
 from trioprovider.config import Settings
+from trioprovider.logs import access_fields, access_message, current_request_id
 from trioprovider.origins import host_allowed, origin_allowed
 from trioprovider.errors import ApiError, invalid_request, model_not_found, no_agent, unauthorized
 from trioprovider.scope import RequestScope
+
+log = logging.getLogger(__name__)
 
 #: The principal of requests on the key-less Ollama listener.
 KEYLESS_LABEL = "ollama-listener"
@@ -77,6 +81,16 @@ class Provider:
     def scope_closed(self, scope: RequestScope) -> None:
         self.scopes.discard(scope)
         admission = scope.admission
+        duration_ms = round(((scope.finished_at or scope.started_at) - scope.started_at) * 1000, 1)
+        log.debug(
+            "model request: %s %s %s, %d+%d tokens, %.1f ms",
+            scope.invoke.model,
+            scope.invoke.kind,
+            scope.outcome,
+            scope.translator.prompt_tokens,
+            scope.translator.completion_tokens,
+            duration_ms,
+        )
         self.audit.record(
             "model_request",
             request_id=scope.invoke.id,
@@ -90,7 +104,7 @@ class Provider:
             completion_tokens=scope.translator.completion_tokens,
             outcome=scope.outcome,
             error=scope.error_code,
-            duration_ms=round(((scope.finished_at or scope.started_at) - scope.started_at) * 1000, 1),
+            duration_ms=duration_ms,
         )
 
     def violation(self, kind: str, detail: str) -> None:
@@ -245,10 +259,15 @@ class RequestGuard:
       tells the app ``http.disconnect``; quart-trio reacts by cancelling the request's nursery,
       which would cancel that very send halfway: the connection was then neither closed (for
       ``Connection: close``) nor put back to idle, and shutdown waited out its whole timeout.
+    - Gives the request its id (``X-Request-Id``) in :data:`~trioprovider.logs.current_request_id`,
+      which every task the request starts inherits: its log lines carry the id.
+    - Writes the request's access line, with that id, to ``access_log`` (if any).
     """
 
-    def __init__(self, app: Quart) -> None:
+    def __init__(self, app: Quart, access_log: logging.Logger | None = None) -> None:
         self.app = app
+        #: Where the access line of each request goes (None: nowhere).
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] != "http":
@@ -259,18 +278,33 @@ class RequestGuard:
             path = re.sub("/{2,}", "/", scope["path"])
             scope = {**scope, "path": path, "raw_path": path.encode()}
 
+        started = time.perf_counter()
+        status: int | None = None
+        complete = False
+
         async def send_last_shielded(message: ASGISendEvent) -> None:
+            nonlocal status, complete
+            if message["type"] == "http.response.start":
+                status = message["status"]
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await send(message)
+                    complete = True
             else:
                 await send(message)
 
         held: list[Admission] = []
         token = _admissions.set(held)
+        # Set here, around the whole request, so every line logged about it carries its id.
+        request_id = new_request_id()
+        id_token = current_request_id.set(request_id)
         try:
             await self.app(scope, receive, send_last_shielded)
         finally:
+            if self.access_log is not None:
+                fields = access_fields(scope, status, time.perf_counter() - started, request_id, complete)
+                self.access_log.info(access_message(fields), extra=fields)
+            current_request_id.reset(id_token)
             _admissions.reset(token)
             now = trio.current_time()
             for admission in held:
@@ -306,7 +340,7 @@ def create_app(provider: Provider) -> QuartTrio:
 
     @app.before_request
     async def assign_request_id() -> None:
-        request.request_id = new_request_id()  # type: ignore[attr-defined]
+        request.request_id = current_request_id.get() or new_request_id()  # type: ignore[attr-defined]
 
     @app.before_request
     async def check_host_and_origin() -> Response | None:
