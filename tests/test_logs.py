@@ -318,3 +318,11 @@ bridge_url = "ws://127.0.0.1:0"
     assert tagged and set(tagged) <= set(seen)
     assert text in stderr  # the same lines on the console
     assert_no_secret_under(tmp_path / "logs", stderr)
+
+
+def test_a_log_file_that_cannot_be_written_stops_start_up_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "blocker").write_text("a file, where the log directory should be")
+    env = {**ENV, "LOCAL_PROVIDER_LOG_FILE": "blocker/provider.log", "LOCAL_PROVIDER_PORT": "0"}
+    result = subprocess.run([sys.executable, "-m", "trioprovider"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "logging.file: cannot write blocker/provider.log" in result.stderr
