@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import json
 import re
 import signal
 import stat
@@ -143,3 +144,48 @@ async def test_bridge_alone_with_provider_and_agent_as_three_processes(tmp_path:
         with trio.fail_after(15):
             await server.wait()
         assert server.returncode == 0
+
+
+async def test_sigterm_with_a_stream_in_flight_ends_it_cleanly_and_exits_0(tmp_path: Path) -> None:
+    from functools import partial
+
+    from support import RawHTTP, chat_body, sse_payloads
+    from trioprovider.agents.echo import EchoAgent
+    from trioprovider.agents.runner import run_agent
+
+    token = "sigterm-test-token"
+    env = {
+        **ENV, "LOCAL_PROVIDER_PORT": "0", "LOCAL_PROVIDER_BRIDGE_URL": "ws://127.0.0.1:0",
+        "LOCAL_PROVIDER_BRIDGE_TOKEN": token, "LOCAL_PROVIDER_GRACEFUL_TIMEOUT": "1",
+    }
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, "-m", "trioprovider"], cwd=str(tmp_path), env=env,
+                stdout=subprocess.PIPE, check=False, task_status=task_status,
+            )
+        )
+        banner = await read_banner(process, "Ctrl+C")
+        url = re.search(r"OpenAI API\s+(\S+)/v1", banner).group(1)  # type: ignore[union-attr]
+        key = re.search(r"API key\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        bridge = re.search(r"bridge\s+(ws://\S+)", banner).group(1)  # type: ignore[union-attr]
+        # An answer far longer than the grace period.
+        agent = EchoAgent(tokens=10_000, delay=0.01)
+        # Keeps retrying once the server is gone, until the test ends it.
+        nursery.start_soon(partial(run_agent, agent, bridge, token, reconnect_delay=0.1))
+        stream = await RawHTTP.post(url, "/v1/chat/completions", chat_body(), api_key=key)
+        await stream.read_until(b'"content"')
+        process.send_signal(signal.SIGTERM)
+        signalled = trio.current_time()
+        with trio.fail_after(10):
+            await stream.read_until(b"data: [DONE]")
+            await agent.cancel_arrived.wait()
+            await process.wait()
+        took = trio.current_time() - signalled
+        payloads = sse_payloads(stream.received)
+        assert payloads[-1] == b"[DONE]"
+        assert json.loads(payloads[-2])["error"]["code"] == "shutdown"
+        assert process.returncode == 0
+        # graceful_timeout (1 s) plus a second.
+        assert took < 2.0, took
+        nursery.cancel_scope.cancel()

@@ -20,7 +20,7 @@ from support import make_settings, start_server
 from trioprovider.cli import _parser
 from trioprovider.config import ENV_VARS, Settings, load_settings
 from trioprovider.logs import log_file
-from trioprovider.server import preflight
+from trioprovider.server import SHUTDOWN_MARGIN, preflight
 
 DEPLOY = Path(__file__).parent.parent / "deploy"
 
@@ -45,6 +45,10 @@ def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
 def assignments(items: list[str]) -> dict[str, str]:
     """``NAME=value`` items as a mapping."""
     return {name: value for name, _, value in (item.partition("=") for item in items)}
+
+
+#: Seconds a drain may take before the process exits by itself (default settings).
+DRAIN = Settings().provider.graceful_timeout + SHUTDOWN_MARGIN
 
 
 def check_command(argv: list[str]) -> Settings:
@@ -91,7 +95,7 @@ def test_the_systemd_unit_runs_the_module_on_loopback_hardened() -> None:
     assert Path(default.audit_file).parent == Path(default.file).parent
     # systemd waits for the drain before SIGKILL.
     assert unit["KillSignal"] == ["SIGTERM"]
-    assert float(unit["TimeoutStopSec"][0]) > Settings().provider.graceful_timeout
+    assert float(unit["TimeoutStopSec"][0]) > DRAIN
 
 
 def test_the_launchd_agent_runs_the_module_on_loopback() -> None:
@@ -101,7 +105,7 @@ def test_the_launchd_agent_runs_the_module_on_loopback() -> None:
     check_command(plist["ProgramArguments"])
     settings = check_variables(plist["EnvironmentVariables"])
     assert settings.logging.console is False and settings.logging.file  # the rotated file, not stderr
-    assert plist["ExitTimeOut"] > settings.provider.graceful_timeout
+    assert plist["ExitTimeOut"] > DRAIN
     assert plist["KeepAlive"] == {"SuccessfulExit": False}
 
 
@@ -112,7 +116,7 @@ def test_the_nssm_notes_run_the_module_on_loopback() -> None:
     extra = re.search(r"nssm set trioprovider AppEnvironmentExtra (.*)", text).group(1)  # type: ignore[union-attr]
     check_variables(assignments(extra.split()))
     stop_ms = int(re.search(r"AppStopMethodConsole (\d+)", text).group(1))  # type: ignore[union-attr]
-    assert stop_ms / 1000 > Settings().provider.graceful_timeout
+    assert stop_ms / 1000 > DRAIN
 
 
 def test_the_dockerfile_is_minimal_non_root_and_its_settings_start() -> None:
@@ -133,6 +137,8 @@ def test_the_dockerfile_is_minimal_non_root_and_its_settings_start() -> None:
     assert settings.provider.host == "0.0.0.0" and settings.provider.allow_non_loopback
     assert settings.logging.json_format and settings.logging.file == ""  # docker logs is the log
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()
+    stop_timeout = re.search(r"--stop-timeout (\d+)", (DEPLOY / "Dockerfile").read_text()).group(1)  # type: ignore[union-attr]
+    assert int(stop_timeout) > DRAIN
     # The build context is an allowlist, and never takes config/ (tokens) or logs/.
     assert "*" in ignore and not [line for line in ignore if line.startswith(("!config", "!logs"))]
 

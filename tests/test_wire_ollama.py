@@ -109,7 +109,7 @@ def test_error_is_one_line_and_heartbeats_send_nothing() -> None:
     enc = chat_encoder()
     assert enc.encode([Heartbeat()]) == b""
     out = enc.encode([DeltaEvent(Delta(content="a")), Failed(ApiError(503, "agent gone", code="agent_disconnected"))])
-    assert out == HEAD + b'"message":{"role":"assistant","content":"a"},"done":false}\n' + b'{"error":"agent gone"}\n'
+    assert out == HEAD + b'"message":{"role":"assistant","content":"a"},"done":false}\n' + HEAD + b'"done":true,"done_reason":"error","error":"agent gone"}\n'
 
 
 def test_a_clock_stamps_first_token_and_finish() -> None:
@@ -133,9 +133,9 @@ def test_generate_stream_is_byte_exact() -> None:
     )
 
 
-def test_generate_error_line() -> None:
+def test_generate_error_line_is_a_done_line_with_the_error() -> None:
     out = generate_encoder().encode([Failed(ApiError(504, "too slow"))])
-    assert out == b'{"error":"too slow"}\n'
+    assert out == HEAD + b'"done":true,"done_reason":"error","error":"too slow"}\n'
 
 
 # -- whole answers -----------------------------------------------------------------------------

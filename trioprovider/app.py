@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, ASGISendEvent, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, ASGISendEvent, Scope
 from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -23,6 +23,7 @@ from trioprovider.auth import KeyMatch, KeyRing, Principal, presented_prefix
 from trioprovider.bridge.calls import Bridge, Resolution
 from trioprovider.config import Settings
 from trioprovider.logs import access_fields, access_message, current_request_id
+from trioprovider.metrics import Live, Metrics
 from trioprovider.origins import host_allowed, origin_allowed
 from trioprovider.errors import ApiError, invalid_request, model_not_found, no_agent, unauthorized
 from trioprovider.scope import RequestScope
@@ -53,6 +54,24 @@ EXPOSED_HEADERS = ", ".join(
 _admissions: ContextVar[list[Admission] | None] = ContextVar("trioprovider_admissions", default=None)
 
 
+@dataclass
+class Exchange:
+    """What the metrics learn about one HTTP request while it runs (see :class:`RequestGuard`)."""
+
+    #: The route template (``/admin/sessions/<session_id>``), None if no route matched.
+    route: str | None = None
+    status: int | None = None
+    #: When the client's disconnect reached the app (trio time), if it came.
+    disconnected_at: float | None = None
+
+
+_exchange: ContextVar[Exchange | None] = ContextVar("trioprovider_exchange", default=None)
+
+
+def current_exchange() -> Exchange | None:
+    return _exchange.get()
+
+
 @dataclass(eq=False)
 class Provider:
     """The state of one running provider, shared by every route."""
@@ -70,9 +89,23 @@ class Provider:
     audit: AuditLog = field(default_factory=AuditLog.disabled)
     #: ``performance.max_concurrent_requests``: model requests running at once.
     capacity: trio.CapacityLimiter = field(init=False)
+    metrics: Metrics = field(init=False)
 
     def __post_init__(self) -> None:
         self.capacity = trio.CapacityLimiter(self.settings.performance.max_concurrent_requests)
+        self.metrics = Metrics(self.live)
+
+    def live(self) -> Live:
+        """What this provider holds right now (for metrics, read at scrape time)."""
+        sessions = self.gate.sessions
+        return Live(
+            sessions_active=len(sessions),
+            sessions_created=sessions.total_created,
+            sessions_expired=sessions.total_expired,
+            active_requests=len(self.scopes),
+            active_streams=sum(1 for scope in self.scopes if scope.invoke.stream),
+            agents=self.bridge.agents(),
+        )
 
     # ScopeObserver: the open scopes are what a leak check counts.
     def scope_opened(self, scope: RequestScope) -> None:
@@ -80,15 +113,25 @@ class Provider:
 
     def scope_closed(self, scope: RequestScope) -> None:
         self.scopes.discard(scope)
+        exchange = _exchange.get()
+        self.metrics.model_request_ended(
+            scope,
+            route=exchange.route if exchange else None,
+            disconnected_at=exchange.disconnected_at if exchange else None,
+        )
         admission = scope.admission
+        # The usage the client was told when the answer finished, else our own count so far.
+        usage = scope.usage
+        prompt_tokens = usage.prompt_tokens if usage else scope.translator.prompt_tokens
+        completion_tokens = usage.completion_tokens if usage else scope.translator.completion_tokens
         duration_ms = round(((scope.finished_at or scope.started_at) - scope.started_at) * 1000, 1)
         log.debug(
             "model request: %s %s %s, %d+%d tokens, %.1f ms",
             scope.invoke.model,
             scope.invoke.kind,
             scope.outcome,
-            scope.translator.prompt_tokens,
-            scope.translator.completion_tokens,
+            prompt_tokens,
+            completion_tokens,
             duration_ms,
         )
         self.audit.record(
@@ -100,8 +143,8 @@ class Provider:
             key=admission.principal.key_label if admission else None,
             client=admission.principal.client if admission else None,
             session_id=scope.invoke.session_id,
-            prompt_tokens=scope.translator.prompt_tokens,
-            completion_tokens=scope.translator.completion_tokens,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             outcome=scope.outcome,
             error=scope.error_code,
             duration_ms=duration_ms,
@@ -169,6 +212,8 @@ class Provider:
     async def admit(self, principal: Principal, tokens: int) -> Admission:
         """A concurrency slot, a session and a rate reservation for one model request, or a
         503 (no slot within ``queue_timeout``) or 429 (rate or session limits)."""
+        if self.draining:
+            raise ApiError(503, "The server is shutting down; retry when it is back.", code="shutdown", headers={"Retry-After": "5"})
         slot = object()  # the borrower: the slot is released by whoever ends the request
         try:
             self.capacity.acquire_on_behalf_of_nowait(slot)
@@ -255,6 +300,8 @@ class RequestGuard:
     - Releases the admissions a request took, whatever happened: a RequestScope releases its
       admission when it closes, but a client can leave after the view returned and before the
       body was entered, and then no scope ever opens (release is idempotent).
+    - Tells the provider's metrics the request's route, status and duration, and notes when
+      the client's disconnect arrived (the start of a cancellation's journey to the agent).
     - Shields the last body message. Hypercorn handles it by finishing the HTTP exchange, which
       tells the app ``http.disconnect``; quart-trio reacts by cancelling the request's nursery,
       which would cancel that very send halfway: the connection was then neither closed (for
@@ -278,14 +325,20 @@ class RequestGuard:
             path = re.sub("/{2,}", "/", scope["path"])
             scope = {**scope, "path": path, "raw_path": path.encode()}
 
-        started = time.perf_counter()
-        status: int | None = None
-        complete = False
+        exchange = Exchange()
+        started = trio.current_time()
+        complete = False  # the last byte of the answer went out
+
+        async def receive_noting_disconnect() -> ASGIReceiveEvent:
+            message = await receive()
+            if message["type"] == "http.disconnect" and exchange.disconnected_at is None:
+                exchange.disconnected_at = trio.current_time()
+            return message
 
         async def send_last_shielded(message: ASGISendEvent) -> None:
-            nonlocal status, complete
+            nonlocal complete
             if message["type"] == "http.response.start":
-                status = message["status"]
+                exchange.status = message["status"]
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await send(message)
@@ -295,20 +348,25 @@ class RequestGuard:
 
         held: list[Admission] = []
         token = _admissions.set(held)
+        exchange_token = _exchange.set(exchange)
         # Set here, around the whole request, so every line logged about it carries its id.
         request_id = new_request_id()
         id_token = current_request_id.set(request_id)
         try:
-            await self.app(scope, receive, send_last_shielded)
+            await self.app(scope, receive_noting_disconnect, send_last_shielded)
         finally:
-            if self.access_log is not None:
-                fields = access_fields(scope, status, time.perf_counter() - started, request_id, complete)
-                self.access_log.info(access_message(fields), extra=fields)
             current_request_id.reset(id_token)
             _admissions.reset(token)
+            _exchange.reset(exchange_token)
             now = trio.current_time()
             for admission in held:
                 admission.release(now)
+            provider: Provider | None = self.app.config.get("PROVIDER")
+            if provider is not None:
+                provider.metrics.http_finished(scope["method"], exchange.route, exchange.status, now - started)
+            if self.access_log is not None:
+                fields = access_fields(scope, exchange.status, now - started, request_id, complete)
+                self.access_log.info(access_message(fields), extra=fields)
 
 
 def _preflight(origin: str) -> Response:
@@ -325,7 +383,7 @@ def _preflight(origin: str) -> Response:
 
 
 def create_app(provider: Provider) -> QuartTrio:
-    from trioprovider.routes import admin, health, ollama, openai
+    from trioprovider.routes import admin, health, metrics, ollama, openai
 
     app = QuartTrio("trioprovider")
     app.config["PROVIDER"] = provider
@@ -337,6 +395,14 @@ def create_app(provider: Provider) -> QuartTrio:
     app.register_blueprint(openai.blueprint)
     app.register_blueprint(ollama.blueprint)
     app.register_blueprint(admin.blueprint)
+    app.register_blueprint(metrics.blueprint)
+
+    @app.before_request
+    async def note_route() -> None:
+        # First of the hooks: a request refused by the next ones is still counted by its route.
+        exchange = _exchange.get()
+        if exchange is not None and request.url_rule is not None:
+            exchange.route = request.url_rule.rule
 
     @app.before_request
     async def assign_request_id() -> None:

@@ -32,7 +32,7 @@ from quart.wrappers.response import ResponseBody
 from trioprovider.bridge.calls import Bridge, Call, NoAgent, Overloaded
 from trioprovider.errors import ApiError
 from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat, ReplyTranslator
-from trioprovider.protocol import ModelInvoke
+from trioprovider.protocol import ModelInvoke, Usage
 from trioprovider.admission import Admission
 from trioprovider.sessions import Session
 
@@ -121,6 +121,12 @@ class RequestScope:
         self.outcome = "cancelled"
         #: The error code the client was given, if the request failed.
         self.error_code: str | None = None
+        #: When something first decided to stop the request, and when its model_cancel went out
+        #: (metrics: how fast a stop reaches the agent).
+        self.stopping_at: float | None = None
+        self.cancel_sent_at: float | None = None
+        #: The usage the client was told, once the answer finished.
+        self.usage: Usage | None = None
         self._last_event_at = 0.0
         self._closed = False
 
@@ -175,6 +181,8 @@ class RequestScope:
         """Stop the request for ``reason``; the client gets a terminal record saying why."""
         if self.cancel_reason is None:
             self.cancel_reason = reason
+        if self.stopping_at is None:
+            self.stopping_at = trio.current_time()
         self._agent_scope.cancel()
 
     # -- what the response reads -------------------------------------------------------------
@@ -228,8 +236,12 @@ class RequestScope:
                     await events.send(Failed(failure))
         finally:
             if call is not None and not call.finished:
-                with trio.move_on_after(CLEANUP_TIMEOUT, shield=True):
+                if self.stopping_at is None:
+                    self.stopping_at = trio.current_time()
+                with trio.move_on_after(CLEANUP_TIMEOUT, shield=True) as sending:
                     await call.cancel(self.cancel_reason or "client_disconnected")
+                if not sending.cancelled_caught:
+                    self.cancel_sent_at = trio.current_time()
             self.finished_at = trio.current_time()
             # The answer is complete: the watchdog and heartbeat have nothing left to guard.
             # (Not the nursery's own scope: the request task reading the events runs inside it
@@ -247,6 +259,7 @@ class RequestScope:
                     self.reservation.used = self.translator.prompt_tokens + self.translator.completion_tokens
                 elif isinstance(event, Finished):
                     self.outcome = "completed"
+                    self.usage = event.usage
                     if self.reservation is not None:
                         self.reservation.used = event.usage.total_tokens
                 elif isinstance(event, Failed):

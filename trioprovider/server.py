@@ -48,6 +48,11 @@ from trioprovider.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
+#: Seconds Hypercorn waits past ``graceful_timeout`` for the terminal records to be written.
+SHUTDOWN_MARGIN = 3.0
+#: How often a draining server looks whether its requests are done.
+SHUTDOWN_POLL = 0.05
+
 AGENT_NAMES = ("echo", "cursor-cli")
 
 
@@ -268,7 +273,8 @@ async def _serve_http(
     config.bind = [_hostport(settings.host, settings.port)]
     if provider.settings.ollama.listen:
         config.bind.append(provider.settings.ollama.listen)
-    config.graceful_timeout = settings.graceful_timeout
+    # Hypercorn's own limit comes after ours: by then every stream has had its terminal record.
+    config.graceful_timeout = settings.graceful_timeout + SHUTDOWN_MARGIN
     # Clients send nothing while a stream runs: no read timeout may cut them off.
     config.read_timeout = None
     config.keep_alive_timeout = 75
@@ -280,22 +286,38 @@ async def _serve_http(
 
     access_log = logging.getLogger("trioprovider.access") if provider.settings.logging.access_log else None
 
-    async def drain() -> None:
-        await shutdown.wait()
-        provider.draining = True
-        log.info("shutting down: finishing in-flight requests (up to %.0fs)", settings.graceful_timeout)
-
-    async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
-        await hypercorn.trio.serve(
-            RequestGuard(create_app(provider), access_log=access_log), config, shutdown_trigger=drain, task_status=task_status
-        )
-
     async with trio.open_nursery() as nursery:
+
+        async def drain() -> None:
+            await shutdown.wait()
+            provider.draining = True
+            log.info("shutting down: finishing in-flight requests (up to %.0fs)", settings.graceful_timeout)
+            nursery.start_soon(_end_in_flight, provider, settings.graceful_timeout)
+
+        async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+            await hypercorn.trio.serve(
+                RequestGuard(create_app(provider), access_log=access_log), config, shutdown_trigger=drain, task_status=task_status
+            )
+
         binds = await nursery.start(serve)
         if len(binds) > 1:
             provider.keyless_port = int(binds[1].rsplit(":", 1)[1])
         task_status.started(binds)
+    # HTTP is done: close the bridge connections properly before everything is cancelled.
+    await provider.bridge.aclose()
     root.cancel()
+
+
+async def _end_in_flight(provider: Provider, grace: float) -> None:
+    """Let in-flight requests finish for ``grace`` seconds, then stop the rest with a terminal
+    record for the client and ``model_cancel`` for the agent (reason ``shutdown``)."""
+    with trio.move_on_after(grace):
+        while provider.scopes:
+            await trio.sleep(SHUTDOWN_POLL)
+    if provider.scopes:
+        log.warning("shutting down: stopping %d requests still running", len(provider.scopes))
+    for scope in list(provider.scopes):
+        scope.cancel("shutdown")
 
 
 async def _reap_sessions(gate: Gate, interval: float) -> None:

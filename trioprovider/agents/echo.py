@@ -15,8 +15,8 @@ from typing import Any
 
 import trio
 
-from trioprovider.agents.runner import AnswerStream
-from trioprovider.protocol import ModelCard, ModelInvoke, ModelResult, Usage
+from trioprovider.agents.runner import AnswerStream, text_choice, usage_of
+from trioprovider.protocol import ModelCard, ModelInvoke, ModelResult
 from trioprovider.tokens import estimate_prompt_tokens, message_text, tokens_for_chars
 
 
@@ -84,13 +84,7 @@ class EchoAgent:
             if self.delay:
                 await trio.sleep(self.delay)
             await out.text(token)
-        text = "".join(tokens)
-        if invoke.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        else:
-            choice = {"index": 0, "text": text}
-        choice["finish_reason"] = finish_reason
-        return self._result(invoke, choice, count)
+        return self._result(invoke, text_choice(invoke, "".join(tokens), finish_reason), count)
 
     async def _call_tool(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
         """Call the first tool offered, with ``{"text": <the user's message>}``, in fragments the
@@ -110,15 +104,7 @@ class EchoAgent:
 
     def _result(self, invoke: ModelInvoke, choice: dict[str, Any], completion_tokens: int) -> ModelResult:
         prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
-        return ModelResult(
-            id=invoke.id,
-            choices=[choice],
-            usage=Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            ),
-        )
+        return ModelResult(id=invoke.id, choices=[choice], usage=usage_of(prompt_tokens, completion_tokens))
 
 
 def wants_tool_call(invoke: ModelInvoke) -> bool:

@@ -18,8 +18,8 @@ from typing import Any, Literal
 import trio
 
 from trioprovider.agents.board import Ending, RequestBoard, render_request
-from trioprovider.agents.runner import AgentFailure, AnswerStream
-from trioprovider.protocol import Delta, ModelCard, ModelInvoke, ModelResult, Usage
+from trioprovider.agents.runner import AgentFailure, AnswerStream, text_choice, usage_of
+from trioprovider.protocol import Delta, ModelCard, ModelInvoke, ModelResult
 from trioprovider.tokens import estimate_prompt_tokens, tokens_for_chars
 
 #: The longest ``wait_for_request`` long-poll: Cursor gives up on a tool call after 60 s.
@@ -192,18 +192,4 @@ class IdeAgent:
 def _result(invoke: ModelInvoke, text: str) -> ModelResult:
     prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
     completion_tokens = tokens_for_chars(len(text))
-    choice: dict[str, Any]
-    if invoke.kind == "chat":
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-    else:
-        choice = {"index": 0, "text": text}
-    choice["finish_reason"] = "stop"
-    return ModelResult(
-        id=invoke.id,
-        choices=[choice],
-        usage=Usage(
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            total_tokens=prompt_tokens + completion_tokens,
-        ),
-    )
+    return ModelResult(id=invoke.id, choices=[text_choice(invoke, text)], usage=usage_of(prompt_tokens, completion_tokens))

@@ -34,6 +34,7 @@ from trioprovider.protocol import (
     ModelInvoke,
     ModelResult,
     ModelStreamChunk,
+    Usage,
 )
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,21 @@ class AnswerStream:
 
     async def tool_call_fragment(self, fragment: dict[str, Any]) -> None:
         await self.send(Delta(tool_calls=[fragment]))
+
+
+def usage_of(prompt_tokens: int, completion_tokens: int) -> Usage:
+    return Usage(
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+    )
+
+
+def text_choice(invoke: ModelInvoke, text: str, finish_reason: str = "stop") -> dict[str, Any]:
+    """The one choice of a text answer, in the shape of the request's kind."""
+    if invoke.kind == "chat":
+        return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+    return {"index": 0, "text": text, "finish_reason": finish_reason}
 
 
 class Agent(Protocol):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -197,3 +198,18 @@ class Bridge(Protocol):
     async def start_call(self, invoke: ModelInvoke) -> Call:
         """Send a request to an agent that serves its model; raises NoAgent or Overloaded."""
         ...
+
+    async def aclose(self) -> None:
+        """Close every bridge connection with a proper close handshake (shutdown)."""
+        ...
+
+    def connection(self) -> dict[str, Any]:
+        """The bridge link for ``/health``: ``status``, ``last_ping`` (ISO time or None), more."""
+        ...
+
+
+def iso_time(timestamp: float | None) -> str | None:
+    """A wall-clock timestamp as ISO 8601 UTC (milliseconds), for ``/health``."""
+    if timestamp is None:
+        return None
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).isoformat(timespec="milliseconds")

@@ -13,6 +13,8 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 
+from typing import Any
+
 import trio
 
 from trioprovider.bridge.calls import (
@@ -22,6 +24,7 @@ from trioprovider.bridge.calls import (
     NoAgent,
     Overloaded,
     Resolution,
+    iso_time,
     resolve,
 )
 from trioprovider.audit import AuditLog
@@ -116,6 +119,8 @@ class BridgeHub:
         self._membership_changed = trio.Event()
         self.rejected_hellos = 0
         self.audit = audit or AuditLog.disabled()
+        #: Every connection past its hello (agents and providers), for a clean shutdown.
+        self._peers: set[MessageStream] = set()
 
     # -- what the provider asks -------------------------------------------------------------
 
@@ -235,6 +240,7 @@ class BridgeHub:
                 pass
             await stream.aclose(CLOSE_POLICY, reason[:120])
             return
+        self._peers.add(stream)
         try:
             if isinstance(hello, AgentHello):
                 await self._serve_agent(hello, stream)
@@ -244,6 +250,7 @@ class BridgeHub:
         except PeerClosed:
             pass
         finally:
+            self._peers.discard(stream)
             await stream.aclose()
 
     def _audit_closed(self, stream: MessageStream, closed: PeerClosed) -> None:
@@ -252,6 +259,23 @@ class BridgeHub:
             self.audit.record("security_violation", kind="bridge_invalid_frame", detail=str(closed)[:200], client=stream.peer)
         elif closed.code == CLOSE_TOO_BIG:
             self.audit.record("security_violation", kind="bridge_oversize_frame", detail="frame over mcp.max_frame_bytes", client=stream.peer)
+
+    def connection(self) -> dict[str, Any]:
+        # Embedded: the provider reaches the hub in-process; what matters is who is attached.
+        seen = [link.stream.last_seen for link in self._links if link.stream.last_seen is not None]
+        return {
+            "status": "embedded",
+            "agents": len(self._links),
+            "peers": len(self._peers),
+            "last_ping": iso_time(max(seen, default=None)),
+        }
+
+    async def aclose(self) -> None:
+        """Say goodbye (1001, going away) to every peer at once, while their connections can
+        still complete the close handshake: at shutdown, before the listener is cancelled."""
+        async with trio.open_nursery() as nursery:
+            for stream in list(self._peers):
+                nursery.start_soon(stream.aclose, 1001, "bridge shutting down")
 
     def _check_hello(self, hello: object) -> str | None:
         if not isinstance(hello, (AgentHello, ProviderHello)):

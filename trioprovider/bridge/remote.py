@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 from functools import partial
 
+from typing import Any
+
 import trio
 import trio_websocket
 
-from trioprovider.bridge.calls import Call, CallTable, Delivery, NoAgent, Resolution, resolve
+from trioprovider.bridge.calls import Call, CallTable, Delivery, NoAgent, Resolution, iso_time, resolve
 from trioprovider.bridge.streams import (
     MessageStream,
     PeerClosed,
@@ -199,6 +201,19 @@ class RemoteBridge:
                         except PeerClosed:
                             break
             nursery.cancel_scope.cancel()
+
+    def connection(self) -> dict[str, Any]:
+        stream = self._stream
+        return {
+            "status": "connected" if stream is not None else "disconnected",
+            "url": self.url,
+            "last_ping": iso_time(stream.last_seen if stream is not None else None),
+            "problem": self.problem,
+        }
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            await self._stream.aclose(1001, "provider shutting down")
 
     def _lost(self) -> None:
         self._stream = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Protocol
 
 import trio
@@ -54,6 +55,9 @@ class MessageStream(Protocol):
         """Who is on the other side, for logs."""
         ...
 
+    #: Wall-clock time the peer was last heard from (a message or a pong); None: never.
+    last_seen: float | None
+
     async def send(self, message: Message) -> None:
         """Send one message; raises :class:`PeerClosed` if the peer is gone."""
         ...
@@ -75,6 +79,7 @@ class WebSocketMessageStream:
 
     def __init__(self, ws: trio_websocket.WebSocketConnection) -> None:
         self._ws = ws
+        self.last_seen: float | None = None
         remote = ws.remote
         self.peer = (
             f"{remote.address}:{remote.port}" if isinstance(remote, trio_websocket.Endpoint) else str(remote)
@@ -98,6 +103,7 @@ class WebSocketMessageStream:
             frame = await self._ws.get_message()
         except trio_websocket.ConnectionClosed as closed:
             raise PeerClosed(str(closed.reason), closed.reason.code if closed.reason else None) from None
+        self.last_seen = time.time()
         try:
             return protocol.decode(frame)
         except protocol.ProtocolError as error:
@@ -119,6 +125,7 @@ class WebSocketMessageStream:
                 log.warning("bridge: %s missed a ping for %.1fs; dropping it", self.peer, interval)
                 await self.aclose(1001, "ping timeout")
                 return
+            self.last_seen = time.time()
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         # Bounded and shielded: closing is cleanup and must finish even while we are cancelled.
@@ -138,6 +145,7 @@ class LocalMessageStream:
         self.peer = peer
         self._outgoing = outgoing
         self._incoming = incoming
+        self.last_seen: float | None = None
 
     async def send(self, message: Message) -> None:
         try:
@@ -147,9 +155,11 @@ class LocalMessageStream:
 
     async def receive(self) -> Message:
         try:
-            return await self._incoming.receive()
+            message = await self._incoming.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise PeerClosed("local peer closed") from None
+        self.last_seen = time.time()
+        return message
 
     async def watch_liveness(self, interval: float) -> None:
         # An in-process peer cannot vanish without closing its channel ends.

@@ -30,6 +30,7 @@ async def health() -> Response:
             "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds"),
             "version": __version__,
             "uptime_seconds": round(time.time() - provider.started_at, 3),
+            "mcp_connection": provider.bridge.connection(),
             "default_model": provider.settings.provider.model_name,
             "agents": [agent.model_dump() for agent in agents],
             "active_requests": len(provider.scopes),

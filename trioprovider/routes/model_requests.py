@@ -11,8 +11,9 @@ from typing import Any
 
 from quart import Response, jsonify
 
-from trioprovider.app import Provider
+from trioprovider.app import Provider, current_exchange
 from trioprovider.auth import Principal
+from trioprovider.errors import ApiError
 from trioprovider.protocol import ModelInvoke
 from trioprovider.scope import Deadlines, RequestScope, StreamingBody, WireEncoder
 from trioprovider.tokens import estimate_prompt_tokens
@@ -48,9 +49,16 @@ async def open_scope(
     """
     security = provider.settings.security
     check_sizes(invoke, SizeLimits(security.max_messages, security.max_content_bytes, security.max_total_content_bytes))
-    await provider.require_model(invoke.model)
     prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
-    admission = await provider.admit(principal, prompt_tokens + (invoke.max_tokens or 0))
+    try:
+        await provider.require_model(invoke.model)
+        admission = await provider.admit(principal, prompt_tokens + (invoke.max_tokens or 0))
+    except ApiError as error:
+        exchange = current_exchange()
+        provider.metrics.model_request_refused(
+            invoke.model, error.status, error.code, route=exchange.route if exchange else None, request_id=invoke.id
+        )
+        raise
     invoke.session_id = admission.session.id
     if provider.settings.logging.log_prompts:
         text = invoke.messages if invoke.messages is not None else {"prompt": invoke.prompt, "suffix": invoke.suffix}

@@ -334,7 +334,9 @@ class _NdjsonEncoder:
                     self.timing.finished_ns = self._clock()
                 out += self._final_lines(event, self._calls.tool_calls)
             elif isinstance(event, Failed):
-                out += ndjson_line(event.error.ollama_body())
+                # A terminal line: ``done`` for readers that wait for it, ``error`` for Ollama's
+                # own clients, which raise on it.
+                out += ndjson_line({**self._head(), "done": True, "done_reason": "error", **event.error.ollama_body()})
             elif isinstance(event, Heartbeat):
                 # NDJSON has no comment syntax, and an extra line would be a bogus chunk.
                 pass

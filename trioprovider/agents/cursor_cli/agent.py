@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import trio
 
@@ -42,7 +42,7 @@ from trioprovider.agents.cursor_cli.process import (
     terminate_group,
 )
 from trioprovider.agents.cursor_cli.prompt import ChatBook, ChatPlan, render_completion
-from trioprovider.agents.runner import AgentFailure, AnswerStream
+from trioprovider.agents.runner import AgentFailure, AnswerStream, text_choice, usage_of
 from trioprovider.config import CursorCliSettings
 from trioprovider.protocol import ModelCard, ModelInvoke, ModelResult, Usage
 from trioprovider.tokens import estimate_prompt_tokens, estimate_tokens
@@ -362,18 +362,8 @@ class CursorCliAgent:
     def _result(invoke: ModelInvoke, prompt: str, text: str, usage: Usage | None) -> ModelResult:
         if usage is None:
             prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt) or estimate_tokens(prompt)
-            completion_tokens = estimate_tokens(text)
-            usage = Usage(
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                total_tokens=prompt_tokens + completion_tokens,
-            )
-        choice: dict[str, Any]
-        if invoke.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": "stop"}
-        return ModelResult(id=invoke.id, choices=[choice], usage=usage)
+            usage = usage_of(prompt_tokens, estimate_tokens(text))
+        return ModelResult(id=invoke.id, choices=[text_choice(invoke, text)], usage=usage)
 
 
 def make_cursor_cli_agent(settings: CursorCliSettings, default_model: str) -> CursorCliAgent:
