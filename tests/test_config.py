@@ -144,6 +144,7 @@ def test_every_env_var_sets_its_key() -> None:
         "logging.console": "false",
         "logging.file": "x/y.log",
         "provider.allow_non_loopback": "true",
+        "agents.openai.base_url": "http://127.0.0.1:7/v1",
     }
     for variable, key in ENV_VARS.items():
         if variable == "LOCAL_PROVIDER_API_KEY":

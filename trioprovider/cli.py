@@ -14,6 +14,7 @@ from typing import Any
 import trio
 
 from trioprovider import __version__
+from trioprovider.agents.runner import AgentStartError
 from trioprovider.config import (
     API_KEY_VAR,
     CONFIG_VAR,
@@ -67,7 +68,11 @@ def _parser() -> argparse.ArgumentParser:
 
     agent = commands.add_parser("agent", help="run an agent that connects to the bridge")
     common(agent)
-    agent.add_argument("name", choices=["echo", "cursor-cli", "mcp"], help="which agent (mcp: the Cursor IDE agent, an MCP stdio server)")
+    agent.add_argument(
+        "name",
+        choices=["echo", "openai", "cursor-cli", "mcp"],
+        help="which agent (openai: forwards to an OpenAI-compatible server; mcp: the Cursor IDE agent, an MCP stdio server)",
+    )
     agent.add_argument("--bridge-url", help="the bridge (default from config, or ws://127.0.0.1:8787)")
     agent.add_argument("--token", help="bridge token (default from config or LOCAL_PROVIDER_BRIDGE_TOKEN)")
     agent.add_argument("--tokens", type=int, help="echo: tokens per answer")
@@ -75,9 +80,19 @@ def _parser() -> argparse.ArgumentParser:
     agent.add_argument("--models", help="comma-separated model names to advertise (cursor-cli: Cursor models, passed as --model)")
     agent.add_argument("--command", dest="cli_command", metavar="PATH", help="cursor-cli: the Cursor CLI (default: cursor-agent, else agent, on PATH)")
     agent.add_argument("--workspace", help="cursor-cli: the directory Cursor works in (default: a private scratch directory)")
-    agent.add_argument("--model", help="cursor-cli: Cursor model for requests for the default model")
+    agent.add_argument(
+        "--model",
+        action="append",
+        metavar="M",
+        help="openai: a model to advertise (repeatable; default: the upstream's /v1/models); "
+        "cursor-cli: Cursor model for requests for the default model",
+    )
     agent.add_argument("--pickup-timeout", type=float, help="mcp: seconds a request waits for wait_for_request")
     agent.add_argument("--wait-timeout", type=float, help="mcp: wait_for_request's default long-poll in seconds")
+    agent.add_argument("--base-url", help="openai: the upstream's API, e.g. http://127.0.0.1:11434/v1")
+    agent.add_argument("--api-key", help="openai: the upstream's API key (or LOCAL_PROVIDER_UPSTREAM_API_KEY)")
+    agent.add_argument("--timeout", type=float, help="openai: seconds the upstream may stay silent")
+    agent.add_argument("--max-concurrency", type=int, help="requests the agent handles at once")
 
     bridge = commands.add_parser("bridge", help="run the bridge alone (for mcp.embedded_bridge = false)")
     common(bridge)
@@ -103,7 +118,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config, overrides=_overrides(args))
         _setup_logging(settings, _process_name(args))
         if args.command == "agent":
-            trio.run(_run_agent, settings, args)
+            from trioprovider.server import StartupError
+
+            try:
+                trio.run(_run_agent, settings, args)
+            except (StartupError, AgentStartError) as error:
+                raise ConfigError(str(error)) from None
         elif args.command == "bridge":
             trio.run(_run_bridge, settings)
         else:
@@ -114,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 trio.run(_run_server, settings, args.agent)
             except StartupError as error:
                 raise ConfigError(str(error)) from None
+            except BaseExceptionGroup as group:
+                # An embedded agent that cannot start stops the server from inside its nurseries.
+                failure = _start_failure(group)
+                if failure is None:
+                    raise
+                raise ConfigError(str(failure)) from None
     except ConfigError as error:
         print(f"trioprovider: {error}", file=sys.stderr)
         return 2
@@ -124,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     get = partial(getattr, args)
+    # The config section of the agent 'agent NAME' runs (echo for the other commands).
+    section = (get("name", None) or "echo").replace("-", "_")
+    named_models: list[str] = get("model", None) or []
     overrides: dict[str, Any] = {
         "logging.level": get("log_level", None),
         "provider.host": get("host", None),
@@ -134,17 +163,33 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         "agents.echo.delay_ms": _first(get("echo_delay_ms", None), get("delay_ms", None)),
         "agents.cursor_cli.command": get("cli_command", None),
         "agents.cursor_cli.workspace": get("workspace", None),
-        "agents.cursor_cli.model": get("model", None),
+        "agents.cursor_cli.model": named_models[-1] if section == "cursor_cli" and named_models else None,
         "agents.mcp.pickup_timeout": get("pickup_timeout", None),
         "agents.mcp.wait_timeout": get("wait_timeout", None),
+        "agents.openai.base_url": get("base_url", None),
+        "agents.openai.api_key": get("api_key", None),
+        "agents.openai.timeout": get("timeout", None),
+        f"agents.{section}.max_concurrency": get("max_concurrency", None),
     }
     if get("external_bridge", False):
         overrides["mcp.embedded_bridge"] = False
-    models = get("models", None)
+    models = [name.strip() for name in (get("models", None) or "").split(",") if name.strip()]
+    if section == "openai":
+        models += named_models
     if models:
-        section = get("name", "echo").replace("-", "_")
-        overrides[f"agents.{section}.models"] = [name.strip() for name in models.split(",") if name.strip()]
+        overrides[f"agents.{section}.models"] = models
     return {key: value for key, value in overrides.items() if value is not None}
+
+
+def _start_failure(group: BaseExceptionGroup[BaseException]) -> AgentStartError | None:
+    """The agent start-up failure a group holds, if that is all it holds."""
+    match, rest = group.split(AgentStartError)
+    if match is None or rest is not None:
+        return None
+    failure: BaseException = match
+    while isinstance(failure, BaseExceptionGroup):
+        failure = failure.exceptions[0]
+    return failure if isinstance(failure, AgentStartError) else None
 
 
 def _first(*values: Any) -> Any:
@@ -251,7 +296,7 @@ def banner(running: Any, settings: Settings) -> str:
 
 
 async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
-    from trioprovider.agents.runner import run_agent
+    from trioprovider.agents.runner import lifetime, run_agent
     from trioprovider.server import make_agent
 
     if args.name == "mcp":
@@ -262,7 +307,7 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
     if not settings.mcp.token:
         raise ConfigError("no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'")
     agent = make_agent(args.name, settings)
-    async with trio.open_nursery() as nursery:
+    async with lifetime(agent), trio.open_nursery() as nursery:
         # SIGTERM would otherwise end the process on the spot, skipping the cleanup that stops
         # what agents started (the Cursor CLI's process groups): make it a cancellation.
         nursery.start_soon(_stop_on_signal, nursery.cancel_scope)

@@ -183,6 +183,29 @@ class EchoSettings(_Section):
     max_concurrency: Annotated[int, Field(ge=1)] = 16
 
 
+class UpstreamSettings(_Section):
+    """The ``openai`` agent: forwards requests to an OpenAI-compatible server."""
+
+    #: The upstream's API root as OpenAI clients take it (``http://127.0.0.1:11434/v1``); a bare
+    #: ``http://host:port`` means ``/v1`` there. Empty: not configured.
+    base_url: str = ""
+    api_key: str = ""
+    #: Models to advertise; empty: whatever the upstream's ``/v1/models`` lists at start.
+    models: list[str] = []
+    #: Seconds the upstream may stay silent (connecting, or between streamed bytes).
+    timeout: Annotated[float, Field(gt=0)] = 300.0
+    max_concurrency: Annotated[int, Field(ge=1)] = 8
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if value:
+            url = urllib.parse.urlsplit(value)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError("must be http(s)://host[:port][/path], e.g. http://127.0.0.1:11434/v1")
+        return value
+
+
 class CursorCliSettings(_Section):
     #: The CLI: a path, or a name on PATH; empty: ``cursor-agent``, else ``agent``, on PATH.
     command: str = ""
@@ -217,6 +240,7 @@ class AgentSettings(_Section):
     #: Agents run inside the server's nursery tree (as with --agent NAME).
     embedded: list[str] = []
     echo: EchoSettings = Field(default_factory=EchoSettings)
+    openai: UpstreamSettings = Field(default_factory=UpstreamSettings)
     cursor_cli: CursorCliSettings = Field(default_factory=CursorCliSettings)
     mcp: McpAgentSettings = Field(default_factory=McpAgentSettings)
 
@@ -287,6 +311,8 @@ ENV_VARS: dict[str, str] = {
     "LOCAL_PROVIDER_ECHO_TOKENS": "agents.echo.tokens",
     "LOCAL_PROVIDER_ECHO_DELAY_MS": "agents.echo.delay_ms",
     "LOCAL_PROVIDER_OLLAMA_LISTEN": "ollama.listen",
+    "LOCAL_PROVIDER_UPSTREAM_BASE_URL": "agents.openai.base_url",
+    "LOCAL_PROVIDER_UPSTREAM_API_KEY": "agents.openai.api_key",
 }
 
 

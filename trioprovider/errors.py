@@ -15,6 +15,7 @@ _AGENT_STATUS = {
     "overloaded": 503,
     "agent_disconnected": 503,
     "timeout": 504,
+    "rate_limited": 429,
     # The Cursor IDE agent (agent mcp) did not take the request in time.
     "pickup_timeout": 504,
 }

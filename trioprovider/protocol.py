@@ -8,7 +8,7 @@ the documented ones and changing them means a new ``protocol_version``.
 
 from __future__ import annotations
 
-import datetime as _dt
+import time as _time
 from typing import Annotated, Any, Literal, Union
 
 import pydantic
@@ -22,8 +22,18 @@ CANCEL_REASONS = ("client_disconnected", "deadline", "session_revoked", "shutdow
 
 def utc_timestamp() -> str:
     """Now, as ISO 8601 UTC with milliseconds (``2026-11-21T17:00:00.123Z``)."""
-    now = _dt.datetime.now(_dt.timezone.utc)
-    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+    global _second, _second_text
+    now = _time.time()
+    second = int(now)
+    if second != _second:
+        # Every message carries one: format the date and time once a second, not per chunk.
+        _second_text = _time.strftime("%Y-%m-%dT%H:%M:%S.", _time.gmtime(second))
+        _second = second
+    return f"{_second_text}{int((now - second) * 1000):03d}Z"
+
+
+_second = -1
+_second_text = ""
 
 
 class _Frame(BaseModel):

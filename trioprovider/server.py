@@ -6,7 +6,8 @@
     └── root nursery
         ├── bridge hub on ws://127.0.0.1:8787     (embedded; or a RemoteBridge link to an external one)
         │     └── per peer: reader, liveness pings; per relayed request: a relay task
-        ├── embedded agents                        (each a bridge peer over an in-process stream)
+        ├── embedded agents                        (each a bridge peer over an in-process stream, after
+        │                                           its start-up: openai lists its upstream's models)
         ├── session reaper                         (ends expired and idle sessions)
         ├── HTTP: hypercorn.trio.serve(app)        (http://127.0.0.1:8788)
         │     └── per connection → per request (quart-trio's nursery, cancelled on disconnect)
@@ -23,7 +24,7 @@ import ipaddress
 import logging
 import signal
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,7 +35,7 @@ import trio
 from trioprovider.admission import Gate
 from trioprovider.agents.echo import EchoAgent
 from trioprovider.audit import AuditLog
-from trioprovider.agents.runner import Agent, run_agent, serve_agent
+from trioprovider.agents.runner import Agent, lifetime, run_agent, serve_agent
 from trioprovider.app import Provider, RequestGuard, create_app
 from trioprovider.auth import KeyRing
 from trioprovider.bridge.calls import Bridge
@@ -53,7 +54,7 @@ SHUTDOWN_MARGIN = 3.0
 #: How often a draining server looks whether its requests are done.
 SHUTDOWN_POLL = 0.05
 
-AGENT_NAMES = ("echo", "cursor-cli")
+AGENT_NAMES = ("echo", "openai", "cursor-cli")
 
 
 class StartupError(Exception):
@@ -84,6 +85,22 @@ def make_agent(name: str, settings: Settings) -> Agent:
             delay=echo.delay_ms / 1000,
             models=echo.models,
             max_concurrency=echo.max_concurrency,
+        )
+    if name == "openai":
+        from trioprovider.agents.upstream import UpstreamAgent
+
+        upstream = settings.agents.openai
+        if not upstream.base_url:
+            raise StartupError(
+                "agents.openai.base_url is not set: pass --base-url URL ('agent openai'), "
+                "set LOCAL_PROVIDER_UPSTREAM_BASE_URL, or set it under [agents.openai]"
+            )
+        return UpstreamAgent(
+            base_url=upstream.base_url,
+            api_key=upstream.api_key,
+            models=upstream.models,
+            timeout=upstream.timeout,
+            max_concurrency=upstream.max_concurrency,
         )
     if name in ("cursor-cli", "cursor_cli"):
         from trioprovider.agents.cursor_cli import make_cursor_cli_agent
@@ -204,7 +221,7 @@ async def serve(
                 for agent in embedded_agents:
                     hub_end, agent_end = local_stream_pair(agent.agent_id, "bridge")
                     root.start_soon(hub.accept, hub_end)
-                    root.start_soon(serve_agent, agent, agent_end, bridge_token)
+                    await root.start(_run_embedded, agent, partial(serve_agent, agent, agent_end, bridge_token))
             else:
                 bridge_url = settings.mcp.bridge_url
                 remote = RemoteBridge(
@@ -221,7 +238,9 @@ async def serve(
                 await root.start(remote.run)
                 bridge = remote
                 for agent in embedded_agents:
-                    root.start_soon(
+                    await root.start(
+                        _run_embedded,
+                        agent,
                         partial(
                             run_agent,
                             agent,
@@ -259,6 +278,19 @@ async def serve(
             )
     finally:
         audit.close()
+
+
+async def _run_embedded(
+    agent: Agent,
+    run: Callable[[], Awaitable[object]],
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Start an embedded agent (a failure, such as an unreachable upstream, stops the server at
+    start), then ``run`` it."""
+    async with lifetime(agent):
+        task_status.started()
+        await run()
 
 
 async def _serve_http(

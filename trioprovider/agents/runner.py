@@ -3,12 +3,16 @@
 An agent implements :class:`Agent` (``answer`` one request, streaming through an
 :class:`AnswerStream`); :func:`serve_agent` does the rest: hello, one task per request,
 ``max_concurrency``, ``model_cancel`` (cancels that task), and turning failures into
-``model_error``. :func:`run_agent` connects over WebSocket and reconnects.
+``model_error``. :func:`run_agent` connects over WebSocket and reconnects. An agent with start-up
+work or resources to hold while it serves (an HTTP client, a model list to fetch) has a
+``running()`` async context manager; whoever runs the agent enters it first (:func:`lifetime`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import trio
@@ -52,6 +56,10 @@ class AgentFailure(Exception):
 
 class AgentRejected(Exception):
     """The bridge refused this agent's hello (bad token, unsupported version)."""
+
+
+class AgentStartError(Exception):
+    """An agent cannot start (its upstream is unreachable, say); ``str()`` is one line saying why."""
 
 
 class AnswerStream:
@@ -103,6 +111,13 @@ class Agent(Protocol):
         Cancellation (``model_cancel``) arrives as ``trio.Cancelled``: stop and let it propagate.
         """
         ...
+
+
+def lifetime(agent: Agent) -> AbstractAsyncContextManager[object]:
+    """The agent's ``running()`` context if it has one, else an empty one. Enter it before
+    serving, and serve inside it; it may raise :class:`AgentStartError`."""
+    running = getattr(agent, "running", None)
+    return running() if callable(running) else contextlib.nullcontext()
 
 
 async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:

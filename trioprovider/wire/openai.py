@@ -170,7 +170,9 @@ class ChatStreamEncoder(_SseEncoder):
         self._sent_role = False
 
     def _delta(self, delta: Delta) -> bytes:
-        fields = delta.model_dump(exclude_none=True)
+        # The delta's set fields, in its field order (as model_dump(exclude_none=True) gives,
+        # without pydantic's serializer on every chunk).
+        fields = {name: value for name, value in (("content", delta.content), ("reasoning_content", delta.reasoning_content), ("tool_calls", delta.tool_calls)) if value is not None}
         if not self._sent_role:
             # OpenAI names the role in the first chunk only.
             fields = {"role": "assistant", **fields}
