@@ -291,6 +291,10 @@ def error_response(error: ApiError) -> Response:
     body = error.ollama_body() if request.path.startswith("/api/") else error.openai_body()
     response = Response(json.dumps(body), status=error.status, mimetype="application/json")
     response.headers.update(error.headers)
+    if error.status in (408, 413):
+        # The unread rest of the body would otherwise be taken for the next request: close, and
+        # say so, so that clients do not send their next request on this connection.
+        response.headers["Connection"] = "close"
     return response
 
 
