@@ -9,10 +9,10 @@ import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, ASGISendEvent, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, ASGISendEvent, HTTPScope, Scope
 from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -329,6 +329,7 @@ class RequestGuard:
             path = re.sub("/{2,}", "/", scope["path"])
             scope = {**scope, "path": path, "raw_path": path.encode()}
 
+        scope = _with_safe_host(scope)
         exchange = Exchange()
         started = trio.current_time()
         complete = False  # the last byte of the answer went out
@@ -371,6 +372,29 @@ class RequestGuard:
             if self.access_log is not None:
                 fields = access_fields(scope, exchange.status, now - started, request_id, complete)
                 self.access_log.info(access_message(fields), extra=fields)
+
+
+#: Where :func:`_with_safe_host` keeps a Host header it had to replace.
+ORIGINAL_HOST = "trioprovider.original_host"
+#: What replaces it: a name that can never be served (RFC 2606), so the app refuses it with 403.
+UNSERVABLE_HOST = b"unservable-host.invalid"
+
+
+def _with_safe_host(scope: HTTPScope) -> HTTPScope:
+    """Werkzeug's URL map raises (a 500 outside any handler) on a Host it cannot IDNA-encode,
+    such as ``.`` or ``a..b``. Such a Host is never allowed anyway: swap it for a name that
+    fails the Host check in the usual way (403, audited with the original)."""
+    headers = scope["headers"]
+    host = next((value for name, value in headers if name == b"host"), None)
+    if host is None:
+        return scope
+    try:
+        name = host.decode("ascii").rsplit(":", 1)[0] if not host.startswith(b"[") else "ipv6"
+        name.encode("idna")
+    except UnicodeError:
+        replaced = [(key, UNSERVABLE_HOST if key == b"host" else value) for key, value in headers]
+        return cast(HTTPScope, {**scope, "headers": replaced, ORIGINAL_HOST: host.decode("latin-1")})
+    return scope
 
 
 def _preflight(origin: str) -> Response:
@@ -419,7 +443,8 @@ def create_app(provider: Provider) -> QuartTrio:
         server = request.scope.get("server")
         port = (server[1] if server else None) or 0
         if not host_allowed(request.headers.get("Host"), port, provider.settings.security.allowed_hosts):
-            provider.violation("bad_host", f"Host {request.headers.get('Host', '')[:100]!r}")
+            host = str(request.scope.get(ORIGINAL_HOST) or request.headers.get("Host", ""))
+            provider.violation("bad_host", f"Host {host[:100]!r}")
             raise ApiError(
                 403,
                 "Host must be a loopback name (127.0.0.1, localhost, [::1]) or one of security.allowed_hosts.",
