@@ -39,6 +39,8 @@ def test_the_file_rotates_at_its_size_and_keeps_its_backups(tmp_path: Path) -> N
     assert files == ["security_audit.log", "security_audit.log.1", "security_audit.log.2"]
     for file in path.parent.iterdir():
         assert file.stat().st_size <= 1000
+        # It names keys (prefixes, also of wrong keys pasted by mistake), sessions and clients.
+        assert file.stat().st_mode & 0o777 == 0o600
         for line in file.read_text().splitlines():
             assert json.loads(line)["event"] == "security_violation"
     # The newest records are in the current file.

@@ -120,3 +120,30 @@ def test_keyring_checks_bearer_keys_by_hash() -> None:
     assert ring.check("bearer other") == "ci"
     for header in (None, "", "Bearer", "Bearer wrong", "Basic czNjcmV0", "s3cret"):
         assert ring.check(header) is None
+
+
+def test_one_client_cannot_take_every_session_slot() -> None:
+    store = SessionStore(ttl=300, max_idle=300, max_sessions=6, max_per_owner=2)
+    first = store.begin_request("mallory", "m-1", now=0)
+    second = store.begin_request("mallory", "m-2", now=1)
+    store.end_request(first, now=2)
+    # Past its own limit, the client's oldest idle session makes way; nobody else's.
+    third = store.begin_request("mallory", "m-3", now=3)
+    assert first.end_reason == "session_replaced" and store.get("m-1") is None
+    assert {s.id for s in store} == {"m-2", "m-3"}
+    # With both of its sessions busy, the client is refused; others still get sessions.
+    with pytest.raises(SessionLimit, match="max_sessions_per_client"):
+        store.begin_request("mallory", "m-4", now=4)
+    assert store.begin_request("alice", None, now=5).owner == "alice"
+    assert second.end_reason is None and third.end_reason is None
+
+
+def test_a_full_store_lets_a_client_replace_its_own_idle_session_only() -> None:
+    store = SessionStore(ttl=300, max_idle=300, max_sessions=2, max_per_owner=2)
+    alice = store.begin_request("alice", None, now=0)
+    store.end_request(alice, now=1)
+    bob = store.begin_request("bob", None, now=2)
+    # Full: bob (one session, running) can not push alice's idle session out.
+    with pytest.raises(SessionLimit, match="security.max_sessions"):
+        store.begin_request("bob", "bob-2", now=3)
+    assert alice.end_reason is None and bob.end_reason is None

@@ -16,7 +16,7 @@ from trioprovider.bridge.streams import local_stream_pair
 from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat
 from trioprovider.protocol import ModelInvoke
 from trioprovider.ratelimit import RateLimiter
-from trioprovider.scope import Deadlines, RequestScope
+from trioprovider.scope import CLIENT_STALL_TIMEOUT, Deadlines, RequestScope
 from trioprovider.sessions import SessionStore
 
 TOKEN = "t"
@@ -180,4 +180,25 @@ async def test_the_unused_reservation_goes_back_to_the_bucket(autojump_clock: tr
         elapsed = trio.current_time() - started
         # Refilled at one a second since admission, plus the 50 - used that were never spent.
         assert remaining() == min(60, int(10 + elapsed + 50 - used))
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("ending", ["deadline", "revoke"])
+async def test_a_client_that_never_reads_is_let_go_after_a_deadline_or_revoke(autojump_clock: trio.testing.MockClock, ending: str) -> None:
+    g = gate()
+    agent = EchoAgent(tokens=10_000, delay=0.01)
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, agent)
+        admission = g.admit(Principal("k", "c"), None, 10, trio.current_time())
+        deadlines = Deadlines(total=2) if ending == "deadline" else Deadlines()
+        scope = RequestScope(hub, invoke(), prompt_tokens=1, admission=admission, deadlines=deadlines)
+        async with scope:
+            if ending == "revoke":
+                await trio.sleep(2)
+                g.sessions.revoke(admission.session.id)
+            # Nobody reads: the buffer fills, then the stop's own terminal record cannot go out.
+            await trio.sleep(2 + CLIENT_STALL_TIMEOUT + 1)
+            assert admission.released and scope.outcome == "client_too_slow"
+            assert g.limiter.open_reservations == 0 and g.sessions.active_requests == 0
+            await agent.cancel_arrived.wait()
         nursery.cancel_scope.cancel()

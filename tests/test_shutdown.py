@@ -54,3 +54,25 @@ async def test_draining_finishes_short_answers_and_ends_long_ones_with_terminal_
         assert len(long_agent.cancelled) == 2
         assert not short_agent.cancelled
         outer.cancel_scope.cancel()
+
+
+async def test_a_request_waiting_for_a_slot_when_draining_starts_gets_a_503_not_a_cut_stream() -> None:
+    settings = make_settings(
+        **{"provider.graceful_timeout": 1.0, "performance.max_concurrent_requests": 1, "performance.queue_timeout": 30}
+    )
+    agent = EchoAgent(tokens=10_000, delay=0.01)
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, settings)
+        nursery.start_soon(partial(run_agent, agent, running.bridge_url, BRIDGE_TOKEN, reconnect_delay=0.1))
+        await wait_until(lambda: running.provider.bridge.agents())
+        first = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body())
+        await first.read_until(b'"content"')
+        waiting = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body())
+        await wait_until(lambda: running.provider.capacity.statistics().tasks_waiting == 1)
+        running.shutdown.set()
+        with trio.fail_after(10):
+            await first.read_until(b"data: [DONE]")
+            answer = await waiting.read_all()
+        assert answer.startswith(b"HTTP/1.1 503")
+        assert b'"code": "shutdown"' in answer
+        nursery.cancel_scope.cancel()

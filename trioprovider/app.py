@@ -228,6 +228,11 @@ class Provider:
                 code="server_busy",
                 headers={"Retry-After": "1"},
             )
+        if self.draining:
+            # It waited for its slot while the server began to drain: it would start a stream
+            # after the in-flight ones were told to stop, and be cut off without a last record.
+            self.capacity.release_on_behalf_of(slot)
+            raise ApiError(503, "The server is shutting down; retry when it is back.", code="shutdown", headers={"Retry-After": "5"})
         try:
             admission = self.gate.admit(
                 principal, request.headers.get("X-Session-Id"), tokens, trio.current_time()
@@ -280,11 +285,34 @@ async def read_json() -> Any:
     except UnicodeDecodeError:
         raise invalid_request("The request body is not valid UTF-8.") from None
     try:
-        return json.loads(text)
+        body = json.loads(text)
     except json.JSONDecodeError as error:
         raise invalid_request(f"The request body is not valid JSON: {error}.") from None
     except RecursionError:
         raise invalid_request("The request body is nested too deeply.") from None
+    try:
+        lone_surrogate = "\\u" in text and _has_lone_surrogate(body)
+    except RecursionError:
+        raise invalid_request("The request body is nested too deeply.") from None
+    if lone_surrogate:
+        # JSON may escape half a UTF-16 pair ("\ud800"); such a string is not text, cannot be
+        # sent on to an agent as UTF-8, and would fail later as a 5xx.
+        raise invalid_request("The request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).")
+    return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False
 
 
 def error_response(error: ApiError) -> Response:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import logging.handlers
 from pathlib import Path
 from typing import Any
+
+from trioprovider.logs import PrivateRotatingFileHandler
 
 EVENTS = frozenset(
     {"authentication", "rate_limit_exceeded", "model_request", "security_violation", "session_revoked"}
@@ -48,11 +49,12 @@ class AuditLog:
 
     @classmethod
     def to_file(cls, path: str | Path, *, max_bytes: int, backup_count: int) -> AuditLog:
-        """An audit log rotating at ``max_bytes`` with ``backup_count`` old files (0600 is not
-        needed: it holds no secrets, only prefixes, but the directory is created if missing)."""
+        """An audit log rotating at ``max_bytes`` with ``backup_count`` old files, mode 0600."""
         file = Path(path)
         file.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(
+        # 0600: it names keys (labels and prefixes, also of wrong keys pasted by mistake),
+        # sessions and client addresses.
+        handler = PrivateRotatingFileHandler(
             file, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8", delay=True
         )
         return cls(handler)

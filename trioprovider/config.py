@@ -85,6 +85,8 @@ class SecuritySettings(_Section):
     admin_token: str = ""
     session_ttl: Annotated[float, Field(gt=0)] = 300.0
     max_sessions: Annotated[int, Field(ge=1)] = 10
+    #: Sessions one client (key and address) may hold; past it its oldest idle one makes way.
+    max_sessions_per_client: Annotated[int, Field(ge=1)] = 4
     allowed_origins: list[str] = ["http://127.0.0.1:*", "http://localhost:*", "vscode-file://vscode-app"]
     max_content_bytes: Annotated[int, Field(gt=0)] = 100 * 1024
     max_messages: Annotated[int, Field(ge=1)] = 500

@@ -241,6 +241,10 @@ class _LiveCollector(Collector):
         yield in_flight
 
 
+#: Refusals that come before the model's name is known to be served: not a label value.
+UNCHECKED_MODEL_CODES = frozenset({"model_not_found", "no_agent", "invalid_request"})
+
+
 class Metrics:
     """The counters and histograms of one provider, and the summaries built from them."""
 
@@ -393,14 +397,17 @@ class Metrics:
     def model_request_refused(self, model: str, status: int, code: str | None, *, route: str | None, request_id: str) -> None:
         """A model request refused before it ran: 429 (rate or session limits), 503, 404, ..."""
         self._request_rate.add(time.monotonic())
+        # Refused before its name was found in the catalog: as a label, a client could make a
+        # new series (kept for good) with every made-up name. The bounded recent list keeps it.
+        label = "unknown" if code in UNCHECKED_MODEL_CODES else model
         if status == 429:
             self._totals.rate_limited += 1
             self._rate_limited.labels(code or "rate_limit_exceeded").inc()
-            self._model_requests.labels(model, "rate_limited").inc()
+            self._model_requests.labels(label, "rate_limited").inc()
             self._note("rate_limited", route, model, request_id, code=code, status=status)
         else:
             self._totals.failed += 1
-            self._model_requests.labels(model, "refused").inc()
+            self._model_requests.labels(label, "refused").inc()
             self._note("error", route, model, request_id, code=code, status=status)
 
     def _note(self, kind: str, route: str | None, model: str, request_id: str, **details: Any) -> None:

@@ -220,10 +220,7 @@ class RequestScope:
                     if self._agent_scope.cancelled_caught:
                         failure = self._stopped_failure()
                 except ClientStalled:
-                    self.cancel_reason = self.outcome = "client_too_slow"
-                    log.warning("request %s: client stopped reading; stopped", self.invoke.id)
-                    if self.admission is not None:
-                        self.admission.release(trio.current_time())
+                    self._client_stalled()
                     return
                 except Exception:
                     # Headers may be out already: an error here must become a terminal record,
@@ -233,7 +230,12 @@ class RequestScope:
                 if failure is not None:
                     self.outcome = self.cancel_reason or "failed"
                     self.error_code = failure.code
-                    await events.send(Failed(failure))
+                    try:
+                        # Bounded like every event: a client that stopped reading must not keep
+                        # the request's slot, session and budget for as long as it stays connected.
+                        await self._deliver(events, Failed(failure))
+                    except ClientStalled:
+                        self._client_stalled()
         finally:
             if call is not None and not call.finished:
                 if self.stopping_at is None:
@@ -266,15 +268,29 @@ class RequestScope:
                     self.outcome = "failed"
                     self.error_code = event.error.code
                 self._last_event_at = trio.current_time()
-                try:
-                    # Room in the buffer is the usual case: no timeout scope, no extra
-                    # schedule point (receiving the reply above was one) for each chunk.
-                    events.send_nowait(event)
-                except trio.WouldBlock:
-                    with trio.move_on_after(CLIENT_STALL_TIMEOUT) as waited:
-                        await events.send(event)
-                    if waited.cancelled_caught:
-                        raise ClientStalled from None
+                await self._deliver(events, event)
+
+    @staticmethod
+    async def _deliver(events: trio.MemorySendChannel[Event], event: Event) -> None:
+        """Pass ``event`` on to the client's side; :class:`ClientStalled` if it stays unread."""
+        try:
+            # Room in the buffer is the usual case: no timeout scope, no extra schedule point
+            # (receiving the agent's reply was one) for each chunk.
+            events.send_nowait(event)
+        except trio.WouldBlock:
+            with trio.move_on_after(CLIENT_STALL_TIMEOUT) as waited:
+                await events.send(event)
+            if waited.cancelled_caught:
+                raise ClientStalled from None
+
+    def _client_stalled(self) -> None:
+        """The client stopped reading: give back what the request holds (its connection is
+        Hypercorn's to drop; the agent gets model_cancel as the stream task ends)."""
+        self.outcome = "client_too_slow"
+        self.cancel_reason = self.cancel_reason or "client_too_slow"
+        log.warning("request %s: client stopped reading; stopped", self.invoke.id)
+        if self.admission is not None:
+            self.admission.release(trio.current_time())
 
     def _stopped_failure(self) -> ApiError:
         reason = self.cancel_reason

@@ -188,6 +188,7 @@ async def serve(
         ttl=settings.security.session_ttl,
         max_idle=settings.sessions.max_idle_time,
         max_sessions=settings.security.max_sessions,
+        max_per_owner=settings.security.max_sessions_per_client,
     )
     limits = settings.rate_limiting
     limiter = RateLimiter(

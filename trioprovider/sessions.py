@@ -44,10 +44,13 @@ class Session:
 
 
 class SessionStore:
-    def __init__(self, *, ttl: float, max_idle: float, max_sessions: int) -> None:
+    def __init__(self, *, ttl: float, max_idle: float, max_sessions: int, max_per_owner: int | None = None) -> None:
         self.ttl = ttl
         self.max_idle = max_idle
         self.max_sessions = max_sessions
+        #: Sessions one client may hold: without it, one client's made-up session ids could take
+        #: every slot and lock everybody else out.
+        self.max_per_owner = max_sessions if max_per_owner is None else max_per_owner
         self._sessions: dict[str, Session] = {}
         self._by_owner: dict[str, str] = {}
         self.total_created = 0
@@ -76,11 +79,7 @@ class SessionStore:
         if session is not None and session.owner != owner:
             raise SessionRefused("that session belongs to another client")
         if session is None:
-            if len(self._sessions) >= self.max_sessions:
-                raise SessionLimit(
-                    f"{self.max_sessions} sessions are live (sessions.max_sessions); "
-                    "retry when one expires or revoke one"
-                )
+            self._make_room(owner)
             session = Session(
                 id=session_id or f"sess_{secrets.token_urlsafe(12)}",
                 owner=owner,
@@ -95,6 +94,28 @@ class SessionStore:
         session.active_requests += 1
         session.last_used = now
         return session
+
+    def _make_room(self, owner: str) -> None:
+        """Room for a new session of ``owner``: past a limit, its own oldest idle session makes
+        way (never a session with a request running, never another client's); else SessionLimit."""
+        own = [session for session in self._sessions.values() if session.owner == owner]
+        if len(own) < self.max_per_owner and len(self._sessions) < self.max_sessions:
+            return
+        idle = [session for session in own if session.active_requests == 0]
+        if idle:
+            oldest = min(idle, key=lambda session: session.last_used)
+            self._forget(oldest)
+            oldest.end("session_replaced")
+            return
+        if len(own) >= self.max_per_owner:
+            raise SessionLimit(
+                f"this client has {len(own)} sessions with requests running "
+                "(security.max_sessions_per_client); retry when one finishes"
+            )
+        raise SessionLimit(
+            f"{self.max_sessions} sessions are live (security.max_sessions); "
+            "retry when one expires or revoke one"
+        )
 
     def end_request(self, session: Session, now: float) -> None:
         session.active_requests -= 1

@@ -20,7 +20,7 @@ from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat
 from trioprovider.protocol import Delta, ModelCard, ModelInvoke, Usage
 from trioprovider.wire.answer import Answer
 from trioprovider.wire.framing import ndjson_line
-from trioprovider.wire.openai import Defaults
+from trioprovider.wire.openai import Defaults, Tool, tool_dicts
 
 #: What ``GET /api/version`` reports. Some Ollama clients gate features (tools, thinking) on the
 #: server version, so we claim one recent enough to have both.
@@ -80,7 +80,7 @@ class OllamaChatRequest(BaseModel):
     messages: list[OllamaMessage] = Field(default_factory=list)
     stream: bool = True
     options: Options | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
     # Accepted and ignored: structured output, model residency and thinking are the agent's call.
     format: str | dict[str, Any] | None = None
     keep_alive: str | int | float | None = None
@@ -189,7 +189,7 @@ def ollama_chat_invoke(
         kind="chat",
         messages=_openai_messages(raw_messages),
         stream=request.stream,
-        tools=request.tools or None,
+        tools=tool_dicts(request.tools),
         **_sampling(request.options, defaults),
     )
 

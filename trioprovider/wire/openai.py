@@ -22,12 +22,48 @@ class Defaults(BaseModel):
     top_p: float = 1.0
 
 
+class ContentPart(BaseModel):
+    """One part of a list content; a ``text`` part must carry its text as a string."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Annotated[str, Field(min_length=1)]
+    text: str | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _text_parts_have_text(self) -> ContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text', a string")
+        return self
+
+
+class ToolFunction(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Tool(BaseModel):
+    """A tool a client offers (OpenAI's and Ollama's shape): checked here, so that an agent is
+    never handed one it cannot read; forwarded as sent."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: Literal["function"] = "function"
+    function: ToolFunction
+
+
+def tool_dicts(tools: list[Tool] | None) -> list[dict[str, Any]] | None:
+    """The tools as the client sent them (nothing added), for ``model_invoke``."""
+    return [tool.model_dump(exclude_unset=True) for tool in tools] if tools else None
+
+
 class ChatMessage(BaseModel):
     # Extra keys (name, tool_call_id, tool_calls, …) are kept and forwarded untouched.
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     # Typed so that a malformed history is a 400 naming the field (the raw message is forwarded).
     tool_calls: list[dict[str, Any]] | None = None
     tool_call_id: str | None = None
@@ -54,7 +90,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: int | None = None
     stop: str | list[str] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[Tool] | None = None
     tool_choice: str | dict[str, Any] | None = None
 
 
@@ -65,9 +101,22 @@ def parse_request(model: type[BaseModel], body: Any) -> Any:
     try:
         return model.model_validate(body)
     except pydantic.ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"])
-        raise invalid_request(f"{where}: {first['msg']}", param=where or None) from None
+        # A union reports one error per branch; the deepest is the one that says what is wrong
+        # ("messages.0.content.0.text", not "messages.0.content.str").
+        errors = [(_field_path(e["loc"]), e["msg"].removeprefix("Value error, ")) for e in error.errors(include_url=False)]
+        where = max((path for path, _ in errors), key=len)
+        problems = list(dict.fromkeys(message for path, message in errors if path == where))
+        raise invalid_request(f"{where}: {'; or '.join(problems)}", param=where or None) from None
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    """A pydantic error location as a field path, without its union-branch tags ("str", "list[...]")."""
+    return ".".join(
+        str(part) for part in loc if not (isinstance(part, str) and ("[" in part or part in _TYPE_TAGS))
+    )
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
 
 def normalize_messages(raw_messages: list[dict[str, Any]], *, vision: bool) -> list[dict[str, Any]]:
@@ -119,7 +168,7 @@ def chat_invoke(
         temperature=defaults.temperature if request.temperature is None else request.temperature,
         top_p=defaults.top_p if request.top_p is None else request.top_p,
         stop=stop or None,
-        tools=request.tools or None,
+        tools=tool_dicts(request.tools),
         tool_choice=request.tool_choice,
     )
 
