@@ -189,3 +189,33 @@ async def test_sigterm_with_a_stream_in_flight_ends_it_cleanly_and_exits_0(tmp_p
         # graceful_timeout (1 s) plus a second.
         assert took < 2.0, took
         nursery.cancel_scope.cancel()
+
+
+async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
+    from support import RawHTTP, chat_body
+
+    env = {
+        **ENV, "LOCAL_PROVIDER_PORT": "0", "LOCAL_PROVIDER_BRIDGE_URL": "ws://127.0.0.1:0",
+        "LOCAL_PROVIDER_GRACEFUL_TIMEOUT": "60", "LOCAL_PROVIDER_ECHO_TOKENS": "100000", "LOCAL_PROVIDER_ECHO_DELAY_MS": "10",
+    }
+    async with trio.open_nursery() as nursery:
+        process = await nursery.start(
+            lambda task_status: trio.run_process(
+                [sys.executable, "-m", "trioprovider", "--agent", "echo"], cwd=str(tmp_path), env=env,
+                stdout=subprocess.PIPE, check=False, task_status=task_status,
+            )
+        )
+        banner = await read_banner(process, "Ctrl+C")
+        url = re.search(r"OpenAI API\s+(\S+)/v1", banner).group(1)  # type: ignore[union-attr]
+        key = re.search(r"API key\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        stream = await RawHTTP.post(url, "/v1/chat/completions", chat_body(model="echo"), api_key=key)
+        await stream.read_until(b'"content"')
+        process.send_signal(signal.SIGINT)
+        # Draining would wait up to 60 s for this answer; the second signal does not.
+        await trio.sleep(0.5)
+        assert process.returncode is None
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            await process.wait()
+        assert process.returncode == 0
+        nursery.cancel_scope.cancel()
