@@ -141,6 +141,30 @@ async def test_cancel_reaches_the_agent_and_frees_the_slot(autojump_clock: trio.
         nursery.cancel_scope.cancel()
 
 
+async def test_a_request_not_streamed_gets_only_the_result(autojump_clock: trio.testing.MockClock) -> None:
+    """No stream: the echo agent skips the chunks (nothing reaches the client before the end
+    anyway) and puts the whole answer, text or tool call, in its model_result."""
+    hub = BridgeHub(token=TOKEN, default_model="d")
+    agent = EchoAgent(tokens=5, delay=0.5)
+    tool = {"type": "function", "function": {"name": "read_file"}}
+    async with trio.open_nursery() as nursery:
+        attach(nursery, hub, agent)
+        await hub.wait_for_agents(1)
+        started = trio.current_time()
+        _, [text] = await collect(await hub.start_call(invoke("a", "one two", stream=False)))
+        assert isinstance(text, ModelResult)
+        assert text.choices[0]["message"]["content"] == echo_text("one two", 5)
+        assert text.usage is not None and text.usage.completion_tokens == 5
+        assert trio.current_time() - started >= 5 * 0.5  # still paced, token by token
+        _, [called] = await collect(await hub.start_call(invoke("b", "open it", stream=False, tools=[tool])))
+        assert isinstance(called, ModelResult)
+        [call] = called.choices[0]["message"]["tool_calls"]
+        assert call["function"] == {"name": "read_file", "arguments": '{"text": "open it"}'}
+        _, streamed = await collect(await hub.start_call(invoke("c", "one two")))
+        assert [type(reply) for reply in streamed] == [ModelStreamChunk] * 5 + [ModelResult]
+        nursery.cancel_scope.cancel()
+
+
 async def test_agent_that_disconnects_ends_its_requests_with_an_error(autojump_clock: trio.testing.MockClock) -> None:
     hub = BridgeHub(token=TOKEN, default_model="d")
     async with trio.open_nursery() as nursery:
