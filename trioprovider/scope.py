@@ -5,11 +5,12 @@ One scope per model request, streaming or not::
     RequestScope nursery
     ├── agent stream   start the call, translate replies into events, enforce the deadlines,
     │                  and on any way out send model_cancel (shielded, bounded)
-    ├── watchdog       end the request when its session expires or is revoked
-    └── heartbeat      a Heartbeat event while the agent is silent (streaming wire formats)
+    └── heartbeat      a Heartbeat event while the agent is silent (streaming wire formats only)
 
-The rate meter is not a task: the agent stream charges it per delta and the scope settles it
-when it closes (``settle`` refunds the unused reservation), which needs no scheduling.
+Neither the rate meter nor the session watchdog is a task: the agent stream charges the meter
+per delta and the scope settles it when it closes (``settle`` refunds the unused reservation),
+and the session calls the scope's :meth:`~RequestScope.cancel` when it expires or is revoked
+(a watcher registered for as long as the agent stream runs). Neither needs scheduling.
 
 Quart returns a view's response before its body streams, so for a streamed answer the nursery
 cannot live in the view: :class:`StreamingBody` (a Quart ``ResponseBody``) opens the scope in
@@ -34,7 +35,6 @@ from trioprovider.errors import ApiError
 from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat, ReplyTranslator
 from trioprovider.protocol import ModelInvoke, Usage
 from trioprovider.admission import Admission
-from trioprovider.sessions import Session
 
 log = logging.getLogger(__name__)
 
@@ -145,8 +145,8 @@ class RequestScope:
         if self._observer is not None:
             self._observer.scope_opened(self)
         nursery.start_soon(self._agent_stream, self._send.clone())
-        if self.admission is not None or self.heartbeat_interval:
-            nursery.start_soon(self._guard, self._send.clone() if self.heartbeat_interval else None)
+        if self.heartbeat_interval:
+            nursery.start_soon(self._heartbeat, self._send.clone(), self.heartbeat_interval)
         self._send.close()
         return self
 
@@ -204,6 +204,10 @@ class RequestScope:
 
     async def _agent_stream(self, events: trio.MemorySendChannel[Event]) -> None:
         call: Call | None = None
+        session = self.admission.session if self.admission is not None else None
+        if session is not None:
+            # Before the first checkpoint: a session that ends from here on stops the request.
+            session.watch(self.cancel)
         try:
             async with events:
                 failure: ApiError | None = None
@@ -243,9 +247,11 @@ class RequestScope:
                 if not sending.cancelled_caught:
                     self.cancel_sent_at = trio.current_time()
             self.finished_at = trio.current_time()
-            # The answer is complete: the watchdog and heartbeat have nothing left to guard.
+            # The answer is complete: the session and the heartbeat have nothing left to guard.
             # (Not the nursery's own scope: the request task reading the events runs inside it
             # until __aexit__, and cancelling it would cut off the events still buffered.)
+            if session is not None:
+                session.unwatch(self.cancel)
             self._guard_scope.cancel()
 
     async def _relay(self, call: Call, events: trio.MemorySendChannel[Event]) -> None:
@@ -284,27 +290,14 @@ class RequestScope:
             return ApiError(504, f"The agent did not answer in time ({which} deadline).", code="timeout")
         return _FAILURE_BY_REASON.get(reason) or ApiError(503, f"Request stopped: {reason}.", code=reason)
 
-    async def _guard(self, events: trio.MemorySendChannel[Event] | None) -> None:
-        with self._guard_scope:
-            async with trio.open_nursery() as guards:
-                if self.admission is not None:
-                    guards.start_soon(self._watchdog, self.admission.session)
-                if events is not None and self.heartbeat_interval:
-                    guards.start_soon(self._heartbeat, events, self.heartbeat_interval)
-        if events is not None:
-            events.close()
-
-    async def _watchdog(self, session: Session) -> None:
-        await session.ended.wait()
-        self.cancel(session.end_reason or "session_revoked")
-
     async def _heartbeat(self, events: trio.MemorySendChannel[Event], interval: float) -> None:
         async with events:
-            while True:
-                await trio.sleep_until(self._last_event_at + interval)
-                if trio.current_time() - self._last_event_at >= interval:
-                    self._last_event_at = trio.current_time()
-                    await events.send(Heartbeat())
+            with self._guard_scope:
+                while True:
+                    await trio.sleep_until(self._last_event_at + interval)
+                    if trio.current_time() - self._last_event_at >= interval:
+                        self._last_event_at = trio.current_time()
+                        await events.send(Heartbeat())
 
 
 class WireEncoder(Protocol):
