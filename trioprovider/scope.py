@@ -12,6 +12,9 @@ per delta and the scope settles it when it closes (``settle`` refunds the unused
 and the session calls the scope's :meth:`~RequestScope.cancel` when it expires or is revoked
 (a watcher registered for as long as the agent stream runs). Neither needs scheduling.
 
+An answer that is not streamed needs no nursery: :meth:`RequestScope.run_to_end` runs the agent
+stream in the request's own task and gathers its events in a list.
+
 Quart returns a view's response before its body streams, so for a streamed answer the nursery
 cannot live in the view: :class:`StreamingBody` (a Quart ``ResponseBody``) opens the scope in
 ``__aenter__`` and closes it in ``__aexit__``, both inside the request task. Nothing yields
@@ -68,6 +71,35 @@ class Deadlines:
 
     first_event: float = math.inf
     total: float = math.inf
+
+
+class EventSink(Protocol):
+    """Where the agent stream puts events: the channel to the response body, or a list."""
+
+    def send_nowait(self, event: Event) -> None:
+        ...
+
+    async def send(self, event: Event) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class _Gathered:
+    """The events of a request run to its end in the caller's task (see ``run_to_end``)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def send_nowait(self, event: Event) -> None:
+        self.events.append(event)
+
+    async def send(self, event: Event) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        pass
 
 
 class ScopeObserver(Protocol):
@@ -132,18 +164,36 @@ class RequestScope:
 
     # -- lifetime ----------------------------------------------------------------------------
 
-    async def __aenter__(self) -> RequestScope:
+    def _open(self) -> None:
         self.started_at = self._last_event_at = trio.current_time()
         self._agent_scope.deadline = self.started_at + min(
             self.deadlines.first_event, self.deadlines.total
         )
+        if self._observer is not None:
+            self._observer.scope_opened(self)
+
+    async def run_to_end(self) -> list[Event]:
+        """Run the request to its end in the calling task and return all its events.
+
+        For an answer that is not streamed (no heartbeats): nothing reaches the client before
+        the end, so the agent stream needs no task of its own and no channel. The same
+        deadlines, session watch, model_cancel on the way out and release as ``async with``.
+        """
+        gathered = _Gathered()
+        self._open()
+        try:
+            await self._agent_stream(gathered)
+        finally:
+            self.release()
+        return gathered.events
+
+    async def __aenter__(self) -> RequestScope:
         manager = trio.open_nursery()
         nursery = await manager.__aenter__()
         # No checkpoint from here to the return: the nursery is either fully set up or never
         # entered, so __aexit__ (which closes it) always matches.
         self._nursery_manager, self._nursery = manager, nursery
-        if self._observer is not None:
-            self._observer.scope_opened(self)
+        self._open()
         nursery.start_soon(self._agent_stream, self._send.clone())
         if self.heartbeat_interval:
             nursery.start_soon(self._heartbeat, self._send.clone(), self.heartbeat_interval)
@@ -202,14 +252,14 @@ class RequestScope:
 
     # -- tasks -------------------------------------------------------------------------------
 
-    async def _agent_stream(self, events: trio.MemorySendChannel[Event]) -> None:
+    async def _agent_stream(self, events: EventSink) -> None:
         call: Call | None = None
         session = self.admission.session if self.admission is not None else None
         if session is not None:
             # Before the first checkpoint: a session that ends from here on stops the request.
             session.watch(self.cancel)
         try:
-            async with events:
+            try:
                 failure: ApiError | None = None
                 try:
                     with self._agent_scope:
@@ -238,6 +288,8 @@ class RequestScope:
                     self.outcome = self.cancel_reason or "failed"
                     self.error_code = failure.code
                     await events.send(Failed(failure))
+            finally:
+                events.close()
         finally:
             if call is not None and not call.finished:
                 if self.stopping_at is None:
@@ -254,7 +306,7 @@ class RequestScope:
                 session.unwatch(self.cancel)
             self._guard_scope.cancel()
 
-    async def _relay(self, call: Call, events: trio.MemorySendChannel[Event]) -> None:
+    async def _relay(self, call: Call, events: EventSink) -> None:
         async for reply in call:
             if self.first_event_at is None:
                 self.first_event_at = trio.current_time()
