@@ -139,13 +139,18 @@ def test_every_env_var_sets_its_key() -> None:
         "mcp.embedded_bridge": "false",
         "ollama.listen": "localhost:1",
         "logging.level": "error",
+        "logging.json": "true",
+        "logging.access_log": "false",
+        "logging.console": "false",
+        "logging.file": "x/y.log",
+        "provider.allow_non_loopback": "true",
         "agents.openai.base_url": "http://127.0.0.1:7/v1",
     }
     for variable, key in ENV_VARS.items():
         if variable == "LOCAL_PROVIDER_API_KEY":
             continue
         value = samples.get(key, "7")
-        settings = load_settings(env={variable: value}).model_dump()
+        settings = load_settings(env={variable: value}).model_dump(by_alias=True)
         section, *rest = key.split(".")
         node = settings[section]
         for part in rest:

@@ -157,7 +157,8 @@ def test_generated_bytes_get_400(http: httpx.Client, path: str, raw: bytes) -> N
         assert_error_body(response)
 
 
-header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60)
+# (h11, like any HTTP client, cannot send a header value with space at either end.)
+header_text = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60).map(str.strip)
 
 
 @EXAMPLES
@@ -233,6 +234,8 @@ ATTACKS: list[tuple[str, dict[str, str], bytes, int, str | None]] = [
     ("malformed session id", {"X-Session-Id": "../../etc/passwd"}, chat_with(), 400, "X-Session-Id"),
     ("evil host", {"Host": "evil.example"}, chat_with(), 403, "forbidden_host"),
     ("dns rebinding host", {"Host": "attacker.test:{port}"}, chat_with(), 403, "forbidden_host"),
+    ("host with an empty label", {"Host": "a..b"}, chat_with(), 403, "forbidden_host"),
+    ("host of one dot", {"Host": "."}, chat_with(), 403, "forbidden_host"),
     ("evil origin", {"Origin": "https://evil.example"}, chat_with(), 403, "forbidden_origin"),
 ]
 

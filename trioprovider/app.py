@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import trio
-from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, ASGISendEvent, Scope
+from hypercorn.typing import ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, ASGISendEvent, HTTPScope, Scope
 from quart import Quart, Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
@@ -21,10 +22,13 @@ from trioprovider.audit import AuditLog
 from trioprovider.auth import KeyMatch, KeyRing, Principal, presented_prefix
 from trioprovider.bridge.calls import Bridge, Resolution
 from trioprovider.config import Settings
+from trioprovider.logs import access_fields, access_message, current_request_id
 from trioprovider.metrics import Live, Metrics
 from trioprovider.origins import host_allowed, origin_allowed
 from trioprovider.errors import ApiError, invalid_request, model_not_found, no_agent, unauthorized
 from trioprovider.scope import RequestScope
+
+log = logging.getLogger(__name__)
 
 #: The principal of requests on the key-less Ollama listener.
 KEYLESS_LABEL = "ollama-listener"
@@ -118,6 +122,18 @@ class Provider:
         admission = scope.admission
         # The usage the client was told when the answer finished, else our own count so far.
         usage = scope.usage
+        prompt_tokens = usage.prompt_tokens if usage else scope.translator.prompt_tokens
+        completion_tokens = usage.completion_tokens if usage else scope.translator.completion_tokens
+        duration_ms = round(((scope.finished_at or scope.started_at) - scope.started_at) * 1000, 1)
+        log.debug(
+            "model request: %s %s %s, %d+%d tokens, %.1f ms",
+            scope.invoke.model,
+            scope.invoke.kind,
+            scope.outcome,
+            prompt_tokens,
+            completion_tokens,
+            duration_ms,
+        )
         self.audit.record(
             "model_request",
             request_id=scope.invoke.id,
@@ -127,11 +143,11 @@ class Provider:
             key=admission.principal.key_label if admission else None,
             client=admission.principal.client if admission else None,
             session_id=scope.invoke.session_id,
-            prompt_tokens=usage.prompt_tokens if usage else scope.translator.prompt_tokens,
-            completion_tokens=usage.completion_tokens if usage else scope.translator.completion_tokens,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
             outcome=scope.outcome,
             error=scope.error_code,
-            duration_ms=round(((scope.finished_at or scope.started_at) - scope.started_at) * 1000, 1),
+            duration_ms=duration_ms,
         )
 
     def violation(self, kind: str, detail: str) -> None:
@@ -275,6 +291,10 @@ def error_response(error: ApiError) -> Response:
     body = error.ollama_body() if request.path.startswith("/api/") else error.openai_body()
     response = Response(json.dumps(body), status=error.status, mimetype="application/json")
     response.headers.update(error.headers)
+    if error.status in (408, 413):
+        # The unread rest of the body would otherwise be taken for the next request: close, and
+        # say so, so that clients do not send their next request on this connection.
+        response.headers["Connection"] = "close"
     return response
 
 
@@ -290,10 +310,15 @@ class RequestGuard:
       tells the app ``http.disconnect``; quart-trio reacts by cancelling the request's nursery,
       which would cancel that very send halfway: the connection was then neither closed (for
       ``Connection: close``) nor put back to idle, and shutdown waited out its whole timeout.
+    - Gives the request its id (``X-Request-Id``) in :data:`~trioprovider.logs.current_request_id`,
+      which every task the request starts inherits: its log lines carry the id.
+    - Writes the request's access line, with that id, to ``access_log`` (if any).
     """
 
-    def __init__(self, app: Quart) -> None:
+    def __init__(self, app: Quart, access_log: logging.Logger | None = None) -> None:
         self.app = app
+        #: Where the access line of each request goes (None: nowhere).
+        self.access_log = access_log
 
     async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         if scope["type"] != "http":
@@ -304,8 +329,10 @@ class RequestGuard:
             path = re.sub("/{2,}", "/", scope["path"])
             scope = {**scope, "path": path, "raw_path": path.encode()}
 
+        scope = _with_safe_host(scope)
         exchange = Exchange()
         started = trio.current_time()
+        complete = False  # the last byte of the answer went out
 
         async def receive_noting_disconnect() -> ASGIReceiveEvent:
             message = await receive()
@@ -314,20 +341,26 @@ class RequestGuard:
             return message
 
         async def send_last_shielded(message: ASGISendEvent) -> None:
+            nonlocal complete
             if message["type"] == "http.response.start":
                 exchange.status = message["status"]
             if message["type"] == "http.response.body" and not message.get("more_body", False):
                 with trio.move_on_after(CLOSE_TIMEOUT, shield=True):
                     await send(message)
+                    complete = True
             else:
                 await send(message)
 
         held: list[Admission] = []
         token = _admissions.set(held)
         exchange_token = _exchange.set(exchange)
+        # Set here, around the whole request, so every line logged about it carries its id.
+        request_id = new_request_id()
+        id_token = current_request_id.set(request_id)
         try:
             await self.app(scope, receive_noting_disconnect, send_last_shielded)
         finally:
+            current_request_id.reset(id_token)
             _admissions.reset(token)
             _exchange.reset(exchange_token)
             now = trio.current_time()
@@ -336,6 +369,32 @@ class RequestGuard:
             provider: Provider | None = self.app.config.get("PROVIDER")
             if provider is not None:
                 provider.metrics.http_finished(scope["method"], exchange.route, exchange.status, now - started)
+            if self.access_log is not None:
+                fields = access_fields(scope, exchange.status, now - started, request_id, complete)
+                self.access_log.info(access_message(fields), extra=fields)
+
+
+#: Where :func:`_with_safe_host` keeps a Host header it had to replace.
+ORIGINAL_HOST = "trioprovider.original_host"
+#: What replaces it: a name that can never be served (RFC 2606), so the app refuses it with 403.
+UNSERVABLE_HOST = b"unservable-host.invalid"
+
+
+def _with_safe_host(scope: HTTPScope) -> HTTPScope:
+    """Werkzeug's URL map raises (a 500 outside any handler) on a Host it cannot IDNA-encode,
+    such as ``.`` or ``a..b``. Such a Host is never allowed anyway: swap it for a name that
+    fails the Host check in the usual way (403, audited with the original)."""
+    headers = scope["headers"]
+    host = next((value for name, value in headers if name == b"host"), None)
+    if host is None:
+        return scope
+    try:
+        name = host.decode("ascii").rsplit(":", 1)[0] if not host.startswith(b"[") else "ipv6"
+        name.encode("idna")
+    except UnicodeError:
+        replaced = [(key, UNSERVABLE_HOST if key == b"host" else value) for key, value in headers]
+        return cast(HTTPScope, {**scope, "headers": replaced, ORIGINAL_HOST: host.decode("latin-1")})
+    return scope
 
 
 def _preflight(origin: str) -> Response:
@@ -375,7 +434,7 @@ def create_app(provider: Provider) -> QuartTrio:
 
     @app.before_request
     async def assign_request_id() -> None:
-        request.request_id = new_request_id()  # type: ignore[attr-defined]
+        request.request_id = current_request_id.get() or new_request_id()  # type: ignore[attr-defined]
 
     @app.before_request
     async def check_host_and_origin() -> Response | None:
@@ -384,7 +443,8 @@ def create_app(provider: Provider) -> QuartTrio:
         server = request.scope.get("server")
         port = (server[1] if server else None) or 0
         if not host_allowed(request.headers.get("Host"), port, provider.settings.security.allowed_hosts):
-            provider.violation("bad_host", f"Host {request.headers.get('Host', '')[:100]!r}")
+            host = str(request.scope.get(ORIGINAL_HOST) or request.headers.get("Host", ""))
+            provider.violation("bad_host", f"Host {host[:100]!r}")
             raise ApiError(
                 403,
                 "Host must be a loopback name (127.0.0.1, localhost, [::1]) or one of security.allowed_hosts.",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -117,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "key":
             return _key(args)
         settings = load_settings(args.config, overrides=_overrides(args))
-        _setup_logging(settings)
+        _setup_logging(settings, _process_name(args))
         if args.command == "agent":
             from trioprovider.server import StartupError
 
@@ -197,12 +196,22 @@ def _first(*values: Any) -> Any:
     return next((value for value in values if value is not None), None)
 
 
-def _setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.logging.level,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _process_name(args: argparse.Namespace) -> str | None:
+    """Whose log file this process writes (see logs.log_file); None: console only."""
+    if args.command == "agent":
+        # Cursor starts 'agent mcp' in a directory of its choosing: no logs/ appears there.
+        return None if args.name == "mcp" else f"agent-{args.name}"
+    return "bridge" if args.command == "bridge" else "provider"
+
+
+def _setup_logging(settings: Settings, process: str | None) -> None:
+    from trioprovider import logs
+
+    file = logs.log_file(settings.logging, process) if process else ""
+    try:
+        logs.configure(settings.logging, file)
+    except OSError as error:
+        raise ConfigError(f"logging.file: cannot write {file}: {error.strerror or error}") from None
 
 
 def _init(args: argparse.Namespace) -> int:

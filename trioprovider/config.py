@@ -105,6 +105,8 @@ class LoggingSettings(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     # The TOML key is ``json``; a field of that name would shadow ``BaseModel.json``.
     json_format: bool = Field(default=False, alias="json")
+    #: Log lines on stderr too (a service whose stderr nobody rotates may turn it off).
+    console: bool = True
     file: str = "logs/provider.log"
     max_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
     backup_count: Annotated[int, Field(ge=0)] = 5
@@ -287,6 +289,7 @@ class Settings(_Section):
 #: its plain key is hashed and appended to ``security.api_keys`` with label ``env``.
 ENV_VARS: dict[str, str] = {
     "LOCAL_PROVIDER_HOST": "provider.host",
+    "LOCAL_PROVIDER_ALLOW_NON_LOOPBACK": "provider.allow_non_loopback",
     "LOCAL_PROVIDER_PORT": "provider.port",
     "LOCAL_PROVIDER_MODEL_NAME": "provider.model_name",
     "LOCAL_PROVIDER_GRACEFUL_TIMEOUT": "provider.graceful_timeout",
@@ -295,6 +298,10 @@ ENV_VARS: dict[str, str] = {
     "LOCAL_PROVIDER_SESSION_TTL": "security.session_ttl",
     "LOCAL_PROVIDER_MAX_SESSIONS": "security.max_sessions",
     "LOCAL_PROVIDER_LOG_LEVEL": "logging.level",
+    "LOCAL_PROVIDER_LOG_FILE": "logging.file",
+    "LOCAL_PROVIDER_LOG_CONSOLE": "logging.console",
+    "LOCAL_PROVIDER_LOG_JSON": "logging.json",
+    "LOCAL_PROVIDER_ACCESS_LOG": "logging.access_log",
     "LOCAL_PROVIDER_RATE_LIMIT_RPM": "rate_limiting.requests_per_minute",
     "LOCAL_PROVIDER_RATE_LIMIT_TPM": "rate_limiting.tokens_per_minute",
     "LOCAL_PROVIDER_BRIDGE_URL": "mcp.bridge_url",

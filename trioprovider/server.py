@@ -311,8 +311,12 @@ async def _serve_http(
     config.read_timeout = None
     config.keep_alive_timeout = 75
     config.include_server_header = False
-    config.accesslog = logging.getLogger("trioprovider.access") if provider.settings.logging.access_log else None
+    # RequestGuard writes the access log: Hypercorn's has no request id and logs every
+    # keep-alive request twice (once as if the client had left).
+    config.accesslog = None
     config.errorlog = logging.getLogger("trioprovider.http")
+
+    access_log = logging.getLogger("trioprovider.access") if provider.settings.logging.access_log else None
 
     async with trio.open_nursery() as nursery:
 
@@ -324,7 +328,7 @@ async def _serve_http(
 
         async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
             await hypercorn.trio.serve(
-                RequestGuard(create_app(provider)), config, shutdown_trigger=drain, task_status=task_status
+                RequestGuard(create_app(provider), access_log=access_log), config, shutdown_trigger=drain, task_status=task_status
             )
 
         binds = await nursery.start(serve)

@@ -50,7 +50,8 @@ def check_sizes(invoke: ModelInvoke, limits: SizeLimits) -> None:
             )
         for index, message in enumerate(invoke.messages):
             count(_text_bytes(message.get("content")), f"messages.{index}.content")
-            for call in message.get("tool_calls") or ():
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):
                     arguments = function.get("arguments")

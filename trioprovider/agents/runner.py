@@ -24,6 +24,7 @@ from trioprovider.bridge.streams import (
     WebSocketMessageStream,
     cancel_when_silent,
 )
+from trioprovider.logs import about, current_request_id
 from trioprovider.protocol import (
     PROTOCOL_VERSION,
     AgentHello,
@@ -167,7 +168,7 @@ async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
                 # request the bridge may send right behind this cancel.
                 if message.id in in_flight:
                     scope = in_flight.pop(message.id)
-                    log.debug("agent: request %s cancelled (%s)", message.id, message.reason)
+                    log.debug("agent: request %s cancelled (%s)", message.id, message.reason, extra=about(message.id))
                     scope.cancel()
             else:
                 log.debug("agent: ignoring %s", message.type)
@@ -181,6 +182,8 @@ async def _answer(
     scope: trio.CancelScope,
     in_flight: dict[str, trio.CancelScope],
 ) -> None:
+    # This task's own context: what the agent logs while answering carries the request id.
+    current_request_id.set(invoke.id)
     try:
         with scope:
             try:

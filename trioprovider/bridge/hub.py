@@ -37,6 +37,7 @@ from trioprovider.bridge.streams import (
     PeerMisbehaved,
     cancel_when_silent,
 )
+from trioprovider.logs import about
 from trioprovider.protocol import (
     PROTOCOL_VERSION,
     AgentHello,
@@ -337,7 +338,7 @@ class BridgeHub:
         if isinstance(message, (ModelStreamChunk, ModelResult, ModelError)):
             outcome = await link.calls.deliver(message, self.stall_timeout)
             if outcome is Delivery.STALLED:
-                log.warning("bridge: request %s dropped: its client stopped reading", message.id)
+                log.warning("bridge: request %s dropped: its client stopped reading", message.id, extra=about(message.id))
                 self._capacity_freed()
                 try:
                     await link.stream.send(ModelCancel(id=message.id, reason="client_too_slow"))
@@ -346,7 +347,7 @@ class BridgeHub:
             elif outcome is Delivery.UNKNOWN:
                 # Normal just after a cancel crosses an answer; otherwise the agent answered
                 # a request it was not given, which is dropped either way.
-                log.debug("bridge: %s for request %s not in flight", message.type, message.id)
+                log.debug("bridge: %s for request %s not in flight", message.type, message.id, extra=about(message.id))
             elif not isinstance(message, ModelStreamChunk):
                 self._capacity_freed()
         else:
