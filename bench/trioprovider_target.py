@@ -2,7 +2,8 @@
 
 Defaults everywhere (logging at INFO with the access log on, the embedded bridge, heartbeats,
 sessions) except the limits that exist to refuse a single client's flood: rate limits off,
-sessions that outlive the run, and agent concurrency and queue sized for the largest scenario.
+sessions that outlive the run, and the server's, the agent's concurrency and the queue sized for
+the largest scenario.
 
 The echo agent is attached to the embedded hub exactly as ``serve`` attaches embedded agents
 (an in-process message stream), but from here, so that ``stats`` can report when each
@@ -60,6 +61,8 @@ async def main(args: argparse.Namespace) -> None:
         "security.session_ttl": 86_400,
         "sessions.max_idle_time": 86_400,
         "rate_limiting.enabled": False,
+        # The server-wide cap on model requests at once (50 by default) refuses a flood too.
+        "performance.max_concurrent_requests": CAPACITY,
         "agents.echo.tokens": canned.TOKENS,
         "agents.echo.delay_ms": args.delay_ms,
         "agents.echo.max_concurrency": CAPACITY,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,44 @@ def test_the_file_rotates_at_its_size_and_keeps_its_backups(tmp_path: Path) -> N
     # The newest records are in the current file.
     assert "attempt 059" in path.read_text()
 
+
+
+def test_records_survive_a_restart_and_rotation_counts_the_existing_file(tmp_path: Path) -> None:
+    path = tmp_path / "audit.log"
+    first = AuditLog.to_file(path, max_bytes=400, backup_count=1)
+    first.record("session_revoked", session_id="a" * 100)
+    first.close()
+    size = path.stat().st_size
+    second = AuditLog.to_file(path, max_bytes=400, backup_count=1)
+    second.record("session_revoked", session_id="b" * 100)
+    second.record("session_revoked", session_id="c" * 100)
+    second.close()
+    # The file held one record before the restart: two more would pass 400 bytes, so it rotated.
+    assert size > 100
+    assert [json.loads(line)["session_id"][0] for line in Path(f"{path}.1").read_text().splitlines()] == ["a", "b"]
+    assert [json.loads(line)["session_id"][0] for line in path.read_text().splitlines()] == ["c"]
+
+
+def test_what_is_not_a_regular_file_is_never_rotated(tmp_path: Path) -> None:
+    fifo = tmp_path / "audit.pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # so that opening it to write does not block
+    try:
+        audit = AuditLog.to_file(fifo, max_bytes=100, backup_count=2)
+        for number in range(5):
+            audit.record("session_revoked", session_id=f"s{number}")
+        audit.close()
+        assert os.read(reader, 65536).count(b"session_revoked") == 5
+    finally:
+        os.close(reader)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["audit.pipe"]
+
+
+def test_a_write_that_fails_is_logged_and_the_request_goes_on(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (tmp_path / "audit.log").mkdir()  # cannot be opened as a file
+    audit = AuditLog.to_file(tmp_path / "audit.log", max_bytes=1000, backup_count=1)
+    with caplog.at_level(logging.ERROR, logger="trioprovider.audit"):
+        audit.record("session_revoked", session_id="s")
+    assert "cannot write" in caplog.text
+    with pytest.raises(ValueError):
+        AuditLog.disabled().record("prompt_text")

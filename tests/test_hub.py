@@ -13,7 +13,7 @@ import trio_websocket
 
 from trioprovider.agents.echo import EchoAgent, echo_text
 from trioprovider.agents.runner import AgentRejected, serve_agent
-from trioprovider.bridge.calls import NoAgent, Overloaded
+from trioprovider.bridge.calls import REPLY_BUFFER, NoAgent, Overloaded
 from trioprovider.bridge.hub import BridgeHub
 from trioprovider.bridge.streams import PeerClosed, WebSocketMessageStream, local_stream_pair
 from trioprovider.protocol import (
@@ -138,6 +138,49 @@ async def test_cancel_reaches_the_agent_and_frees_the_slot(autojump_clock: trio.
         # The agent's only slot is free again at once.
         text, _ = await collect(await hub.start_call(invoke("b", max_tokens=2)))
         assert text == "alpha beta"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_request_not_streamed_gets_only_the_result(autojump_clock: trio.testing.MockClock) -> None:
+    """No stream: the echo agent skips the chunks (nothing reaches the client before the end
+    anyway) and puts the whole answer, text or tool call, in its model_result."""
+    hub = BridgeHub(token=TOKEN, default_model="d")
+    agent = EchoAgent(tokens=5, delay=0.5)
+    tool = {"type": "function", "function": {"name": "read_file"}}
+    async with trio.open_nursery() as nursery:
+        attach(nursery, hub, agent)
+        await hub.wait_for_agents(1)
+        started = trio.current_time()
+        _, [text] = await collect(await hub.start_call(invoke("a", "one two", stream=False)))
+        assert isinstance(text, ModelResult)
+        assert text.choices[0]["message"]["content"] == echo_text("one two", 5)
+        assert text.usage is not None and text.usage.completion_tokens == 5
+        assert trio.current_time() - started >= 5 * 0.5  # still paced, token by token
+        _, [called] = await collect(await hub.start_call(invoke("b", "open it", stream=False, tools=[tool])))
+        assert isinstance(called, ModelResult)
+        [call] = called.choices[0]["message"]["tool_calls"]
+        assert call["function"] == {"name": "read_file", "arguments": '{"text": "open it"}'}
+        _, streamed = await collect(await hub.start_call(invoke("c", "one two")))
+        assert [type(reply) for reply in streamed] == [ModelStreamChunk] * 5 + [ModelResult]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_requester_that_stops_reading_is_dropped_and_holds_up_nobody(autojump_clock: trio.testing.MockClock) -> None:
+    hub = BridgeHub(token=TOKEN, default_model="d", stall_timeout=1.0)
+    agent = EchoAgent(tokens=REPLY_BUFFER * 4)
+    async with trio.open_nursery() as nursery:
+        attach(nursery, hub, agent)
+        await hub.wait_for_agents(1)
+        await hub.start_call(invoke("stuck"))  # never read: its reply buffer fills
+        await trio.sleep(0.5)  # full by now, and the stall timeout running
+        started = trio.current_time()
+        text, _ = await collect(await hub.start_call(invoke("other", max_tokens=3)))
+        assert text == "alpha beta alpha"
+        assert trio.current_time() - started < 0.1  # not held up by the stalled request
+        await agent.cancel_arrived.wait()
+        assert [request_id for request_id, _ in agent.cancelled] == ["stuck"]
+        assert trio.current_time() >= 1.0  # dropped after the stall timeout
+        assert hub.in_flight() == 0
         nursery.cancel_scope.cancel()
 
 

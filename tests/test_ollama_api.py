@@ -64,6 +64,9 @@ async def test_generate_with_raw_and_suffix_streams_to_done(running) -> None:  #
     parts = await in_thread(stream)
     assert "".join(p.response for p in parts) == echo_text("def f(", 4)
     assert parts[-1].done and parts[-1].eval_count == 4
+    whole = await in_thread(c.generate, model="echo", prompt="def f(", suffix="\n    return 1", stream=False, options={"num_predict": 3})
+    assert whole.response == echo_text("def f(", 3)
+    assert whole.done and whole.done_reason == "length" and whole.eval_count == 3
 
 
 async def test_errors_are_the_clients_own_exceptions(running) -> None:  # type: ignore[no-untyped-def]

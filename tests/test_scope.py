@@ -68,6 +68,7 @@ async def test_complete_answer_releases_the_admission(autojump_clock: trio.testi
         assert scope.outcome == "completed"
         assert admission.released and g.sessions.active_requests == 0
         assert g.limiter.open_reservations == 0
+        assert not admission.session.watchers  # the scope stopped watching its session
         # The unused part of the 500 reserved tokens went back to the bucket.
         assert admission.reservation.used == events[-1].usage.total_tokens  # type: ignore[union-attr]
         nursery.cancel_scope.cancel()
@@ -119,6 +120,20 @@ async def test_revoking_the_session_ends_the_stream_and_cancels_the_agent(autoju
         assert isinstance(events[-1], Failed) and events[-1].error.code == "session_revoked"
         await agent.cancel_arrived.wait()
         assert admission.released
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_session_that_ended_before_the_answer_started_stops_it(autojump_clock: trio.testing.MockClock) -> None:
+    g = gate()
+    agent = EchoAgent(tokens=100, delay=1)
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, agent)
+        admission = g.admit(Principal("k", "c"), None, 10, trio.current_time())
+        g.sessions.purge(trio.current_time() + 301)  # past its TTL
+        events = await run_scope(RequestScope(hub, invoke(), prompt_tokens=1, admission=admission))
+        assert [type(e) for e in events] == [Failed]
+        assert events[0].error.code == "session_expired"  # type: ignore[union-attr]
+        assert admission.released and not admission.session.watchers
         nursery.cancel_scope.cancel()
 
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from trioprovider.logs import PrivateRotatingFileHandler
+log = logging.getLogger(__name__)
 
 EVENTS = frozenset(
     {"authentication", "rate_limit_exceeded", "model_request", "security_violation", "session_revoked"}
@@ -30,50 +32,103 @@ def audit_line(event: str, fields: dict[str, Any], when: dt.datetime) -> str:
     return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
 
 
-class AuditLog:
-    """Writes audit records through its own logger (never the root's: no other handler sees them).
+def _open_private(path: Path) -> BinaryIO:
+    """``path`` opened for appending, readable by its owner only: the audit log names keys
+    (labels and prefixes, also of wrong keys pasted by mistake), sessions and client addresses."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    # The mode given to os.open only applies to a new file; never chmod a device or a pipe.
+    if stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.fchmod(descriptor, 0o600)
+    return os.fdopen(descriptor, "ab")
 
-    Writes are small and synchronous; a write that fails is reported by ``logging`` and never
-    fails the request that caused it.
+
+class RotatingFile:
+    """Lines appended to a file, each written and flushed at once (a crash loses no record),
+    rotated as ``logging``'s RotatingFileHandler does: before a line would take the file past
+    ``max_bytes``, ``path`` becomes ``path.1`` (``path.1`` becomes ``path.2``, and so on up to
+    ``backup_count``; none kept: no rotation).
+
+    Not a ``logging`` handler: a record costs one formatted line and one write, where the
+    logging machinery (a LogRecord, the caller's frame, two stat calls to decide on rollover)
+    cost several times that on every request.
     """
 
-    def __init__(self, handler: logging.Handler | None) -> None:
-        # A private Logger, not logging.getLogger(): several servers (tests) may run in one
-        # process, each with its own file.
-        self._logger = logging.Logger("trioprovider.audit", logging.INFO)
-        self._logger.propagate = False
-        self._handler = handler
-        if handler is not None:
-            handler.setFormatter(logging.Formatter("%(message)s"))
-            self._logger.addHandler(handler)
+    def __init__(self, path: Path, *, max_bytes: int, backup_count: int) -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.backup_count = backup_count
+        self._file: BinaryIO | None = None  # opened at the first line
+        self._size = 0
+        self._rotates = False
+
+    def write(self, line: str) -> None:
+        data = line.encode() + b"\n"
+        if self._file is None:
+            self._file = _open_private(self.path)
+            # Never rename what is not a regular file (an audit_file of /dev/null, a pipe).
+            regular = os.path.isfile(self.path)
+            self._size = self._file.tell() if regular else 0
+            self._rotates = regular and self.backup_count > 0
+        elif self._rotates and self._size and self._size + len(data) > self.max_bytes:
+            self._rotate()
+        assert self._file is not None
+        self._file.write(data)
+        self._file.flush()
+        self._size += len(data)
+
+    def _rotate(self) -> None:
+        self.close()
+        for number in range(self.backup_count - 1, 0, -1):
+            older = Path(f"{self.path}.{number}")
+            if older.exists():
+                older.replace(f"{self.path}.{number + 1}")
+        self.path.replace(f"{self.path}.1")
+        self._file = _open_private(self.path)
+        self._size = 0
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class AuditLog:
+    """Writes audit records to their own file (never through the root logger: no other handler
+    sees them).
+
+    Writes are small and synchronous; a write that fails is logged and never fails the request
+    that caused it.
+    """
+
+    def __init__(self, file: RotatingFile | None) -> None:
+        self._file = file
 
     @classmethod
     def to_file(cls, path: str | Path, *, max_bytes: int, backup_count: int) -> AuditLog:
         """An audit log rotating at ``max_bytes`` with ``backup_count`` old files, mode 0600."""
         file = Path(path)
         file.parent.mkdir(parents=True, exist_ok=True)
-        # 0600: it names keys (labels and prefixes, also of wrong keys pasted by mistake),
-        # sessions and client addresses.
-        handler = PrivateRotatingFileHandler(
-            file, maxBytes=max_bytes, backupCount=backup_count, encoding="utf-8", delay=True
-        )
-        return cls(handler)
+        return cls(RotatingFile(file, max_bytes=max_bytes, backup_count=backup_count))
 
     @classmethod
     def disabled(cls) -> AuditLog:
         return cls(None)
 
     def record(self, event: str, **fields: Any) -> None:
+        if self._file is None:
+            if event not in EVENTS:
+                raise ValueError(f"unknown audit event {event!r}")
+            return  # disabled: no line to build
         line = audit_line(event, fields, dt.datetime.now(dt.UTC))
-        if self._handler is not None:
-            self._logger.info(line)
+        try:
+            self._file.write(line)
+        except OSError as error:
+            log.error("audit: cannot write %s: %s", self._file.path, error)
 
     def flush(self) -> None:
-        if self._handler is not None:
-            self._handler.flush()
+        """Nothing to do: every record is flushed as it is written."""
 
     def close(self) -> None:
-        if self._handler is not None:
-            self._handler.close()
-            self._logger.removeHandler(self._handler)
-            self._handler = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -5,11 +5,15 @@ One scope per model request, streaming or not::
     RequestScope nursery
     ├── agent stream   start the call, translate replies into events, enforce the deadlines,
     │                  and on any way out send model_cancel (shielded, bounded)
-    ├── watchdog       end the request when its session expires or is revoked
-    └── heartbeat      a Heartbeat event while the agent is silent (streaming wire formats)
+    └── heartbeat      a Heartbeat event while the agent is silent (streaming wire formats only)
 
-The rate meter is not a task: the agent stream charges it per delta and the scope settles it
-when it closes (``settle`` refunds the unused reservation), which needs no scheduling.
+Neither the rate meter nor the session watchdog is a task: the agent stream charges the meter
+per delta and the scope settles it when it closes (``settle`` refunds the unused reservation),
+and the session calls the scope's :meth:`~RequestScope.cancel` when it expires or is revoked
+(a watcher registered for as long as the agent stream runs). Neither needs scheduling.
+
+An answer that is not streamed needs no nursery: :meth:`RequestScope.run_to_end` runs the agent
+stream in the request's own task and gathers its events in a list.
 
 Quart returns a view's response before its body streams, so for a streamed answer the nursery
 cannot live in the view: :class:`StreamingBody` (a Quart ``ResponseBody``) opens the scope in
@@ -34,7 +38,6 @@ from trioprovider.errors import ApiError
 from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat, ReplyTranslator
 from trioprovider.protocol import ModelInvoke, Usage
 from trioprovider.admission import Admission
-from trioprovider.sessions import Session
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,35 @@ class Deadlines:
 
     first_event: float = math.inf
     total: float = math.inf
+
+
+class EventSink(Protocol):
+    """Where the agent stream puts events: the channel to the response body, or a list."""
+
+    def send_nowait(self, event: Event) -> None:
+        ...
+
+    async def send(self, event: Event) -> None:
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class _Gathered:
+    """The events of a request run to its end in the caller's task (see ``run_to_end``)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    def send_nowait(self, event: Event) -> None:
+        self.events.append(event)
+
+    async def send(self, event: Event) -> None:
+        self.events.append(event)
+
+    def close(self) -> None:
+        pass
 
 
 class ScopeObserver(Protocol):
@@ -132,21 +164,39 @@ class RequestScope:
 
     # -- lifetime ----------------------------------------------------------------------------
 
-    async def __aenter__(self) -> RequestScope:
+    def _open(self) -> None:
         self.started_at = self._last_event_at = trio.current_time()
         self._agent_scope.deadline = self.started_at + min(
             self.deadlines.first_event, self.deadlines.total
         )
+        if self._observer is not None:
+            self._observer.scope_opened(self)
+
+    async def run_to_end(self) -> list[Event]:
+        """Run the request to its end in the calling task and return all its events.
+
+        For an answer that is not streamed (no heartbeats): nothing reaches the client before
+        the end, so the agent stream needs no task of its own and no channel. The same
+        deadlines, session watch, model_cancel on the way out and release as ``async with``.
+        """
+        gathered = _Gathered()
+        self._open()
+        try:
+            await self._agent_stream(gathered)
+        finally:
+            self.release()
+        return gathered.events
+
+    async def __aenter__(self) -> RequestScope:
         manager = trio.open_nursery()
         nursery = await manager.__aenter__()
         # No checkpoint from here to the return: the nursery is either fully set up or never
         # entered, so __aexit__ (which closes it) always matches.
         self._nursery_manager, self._nursery = manager, nursery
-        if self._observer is not None:
-            self._observer.scope_opened(self)
+        self._open()
         nursery.start_soon(self._agent_stream, self._send.clone())
-        if self.admission is not None or self.heartbeat_interval:
-            nursery.start_soon(self._guard, self._send.clone() if self.heartbeat_interval else None)
+        if self.heartbeat_interval:
+            nursery.start_soon(self._heartbeat, self._send.clone(), self.heartbeat_interval)
         self._send.close()
         return self
 
@@ -202,10 +252,14 @@ class RequestScope:
 
     # -- tasks -------------------------------------------------------------------------------
 
-    async def _agent_stream(self, events: trio.MemorySendChannel[Event]) -> None:
+    async def _agent_stream(self, events: EventSink) -> None:
         call: Call | None = None
+        session = self.admission.session if self.admission is not None else None
+        if session is not None:
+            # Before the first checkpoint: a session that ends from here on stops the request.
+            session.watch(self.cancel)
         try:
-            async with events:
+            try:
                 failure: ApiError | None = None
                 try:
                     with self._agent_scope:
@@ -236,6 +290,8 @@ class RequestScope:
                         await self._deliver(events, Failed(failure))
                     except ClientStalled:
                         self._client_stalled()
+            finally:
+                events.close()
         finally:
             if call is not None and not call.finished:
                 if self.stopping_at is None:
@@ -245,12 +301,14 @@ class RequestScope:
                 if not sending.cancelled_caught:
                     self.cancel_sent_at = trio.current_time()
             self.finished_at = trio.current_time()
-            # The answer is complete: the watchdog and heartbeat have nothing left to guard.
+            # The answer is complete: the session and the heartbeat have nothing left to guard.
             # (Not the nursery's own scope: the request task reading the events runs inside it
             # until __aexit__, and cancelling it would cut off the events still buffered.)
+            if session is not None:
+                session.unwatch(self.cancel)
             self._guard_scope.cancel()
 
-    async def _relay(self, call: Call, events: trio.MemorySendChannel[Event]) -> None:
+    async def _relay(self, call: Call, events: EventSink) -> None:
         async for reply in call:
             if self.first_event_at is None:
                 self.first_event_at = trio.current_time()
@@ -271,7 +329,7 @@ class RequestScope:
                 await self._deliver(events, event)
 
     @staticmethod
-    async def _deliver(events: trio.MemorySendChannel[Event], event: Event) -> None:
+    async def _deliver(events: EventSink, event: Event) -> None:
         """Pass ``event`` on to the client's side; :class:`ClientStalled` if it stays unread."""
         try:
             # Room in the buffer is the usual case: no timeout scope, no extra schedule point
@@ -300,27 +358,14 @@ class RequestScope:
             return ApiError(504, f"The agent did not answer in time ({which} deadline).", code="timeout")
         return _FAILURE_BY_REASON.get(reason) or ApiError(503, f"Request stopped: {reason}.", code=reason)
 
-    async def _guard(self, events: trio.MemorySendChannel[Event] | None) -> None:
-        with self._guard_scope:
-            async with trio.open_nursery() as guards:
-                if self.admission is not None:
-                    guards.start_soon(self._watchdog, self.admission.session)
-                if events is not None and self.heartbeat_interval:
-                    guards.start_soon(self._heartbeat, events, self.heartbeat_interval)
-        if events is not None:
-            events.close()
-
-    async def _watchdog(self, session: Session) -> None:
-        await session.ended.wait()
-        self.cancel(session.end_reason or "session_revoked")
-
     async def _heartbeat(self, events: trio.MemorySendChannel[Event], interval: float) -> None:
         async with events:
-            while True:
-                await trio.sleep_until(self._last_event_at + interval)
-                if trio.current_time() - self._last_event_at >= interval:
-                    self._last_event_at = trio.current_time()
-                    await events.send(Heartbeat())
+            with self._guard_scope:
+                while True:
+                    await trio.sleep_until(self._last_event_at + interval)
+                    if trio.current_time() - self._last_event_at >= interval:
+                        self._last_event_at = trio.current_time()
+                        await events.send(Heartbeat())
 
 
 class WireEncoder(Protocol):

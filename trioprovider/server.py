@@ -11,7 +11,8 @@
         ├── session reaper                         (ends expired and idle sessions)
         ├── HTTP: hypercorn.trio.serve(app)        (http://127.0.0.1:8788)
         │     └── per connection → per request (quart-trio's nursery, cancelled on disconnect)
-        │           └── RequestScope nursery: agent stream · session watchdog · heartbeat
+        │           └── RequestScope nursery (streams): agent stream · heartbeat; a request not
+        │               streamed runs its agent stream in its own task (scope.py)
         └── signal watcher                         (SIGINT/SIGTERM: drain; a second one: stop now)
 
 When the HTTP server returns (after a graceful drain) the root nursery is cancelled and every

@@ -3,13 +3,14 @@
 Pure bookkeeping with the time passed in (``now``: ``trio.current_time()`` in the server, a
 MockClock's in tests). A session ends by expiry (``ttl`` after creation), idleness (no request
 for ``max_idle`` seconds and none running) or revocation; when it ends its ``ended`` event is
-set, which the per-request watchdog waits on to stop that session's live streams.
+set and its watchers are called: each live request watches its session that way, to stop when
+it ends, with a callback rather than a task of its own.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import secrets
 from dataclasses import dataclass, field
 
@@ -36,11 +37,26 @@ class Session:
     active_requests: int = 0
     ended: trio.Event = field(default_factory=trio.Event)
     end_reason: str | None = None
+    #: Called with the end reason when the session ends (the live requests' stop switches).
+    watchers: set[Callable[[str], None]] = field(default_factory=set)
 
     def end(self, reason: str) -> None:
         if self.end_reason is None:
             self.end_reason = reason
             self.ended.set()
+            watchers, self.watchers = self.watchers, set()
+            for watcher in watchers:
+                watcher(reason)
+
+    def watch(self, watcher: Callable[[str], None]) -> None:
+        """Call ``watcher(reason)`` when the session ends (at once if it has ended already)."""
+        if self.end_reason is not None:
+            watcher(self.end_reason)
+        else:
+            self.watchers.add(watcher)
+
+    def unwatch(self, watcher: Callable[[str], None]) -> None:
+        self.watchers.discard(watcher)
 
 
 class SessionStore:

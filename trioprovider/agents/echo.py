@@ -4,7 +4,9 @@ It answers with the words of the request (the last user message, or the completi
 repeated to ``tokens`` tokens, one word per stream chunk, each after ``delay`` seconds, so a test can
 predict every byte with :func:`echo_text`. Offered tools, it calls the first one (see
 :func:`wants_tool_call`), streaming the call the way OpenAI does, so clients' tool handling can be
-tested end to end.
+tested end to end. When the client does not stream (``invoke.stream`` false) nothing reaches it
+before the end anyway, so the agent skips the chunks (still taking ``delay`` per token) and sends
+the whole answer in its ``model_result``, as the protocol allows.
 """
 
 from __future__ import annotations
@@ -83,7 +85,8 @@ class EchoAgent:
         for token in tokens:
             if self.delay:
                 await trio.sleep(self.delay)
-            await out.text(token)
+            if invoke.stream:
+                await out.text(token)
         return self._result(invoke, text_choice(invoke, "".join(tokens), finish_reason), count)
 
     async def _call_tool(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
@@ -93,11 +96,13 @@ class EchoAgent:
         name = invoke.tools[0].get("function", {}).get("name", "tool")
         arguments = json.dumps({"text": echo_source(invoke)})
         call_id = f"call_{invoke.id[-8:]}"
-        await out.tool_call_fragment({"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}})
+        if invoke.stream:
+            await out.tool_call_fragment({"index": 0, "id": call_id, "type": "function", "function": {"name": name, "arguments": ""}})
         for start in range(0, len(arguments), 8):
             if self.delay:
                 await trio.sleep(self.delay)
-            await out.tool_call_fragment({"index": 0, "function": {"arguments": arguments[start : start + 8]}})
+            if invoke.stream:
+                await out.tool_call_fragment({"index": 0, "function": {"arguments": arguments[start : start + 8]}})
         call = {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
         choice = {"index": 0, "message": {"role": "assistant", "content": None, "tool_calls": [call]}, "finish_reason": "tool_calls"}
         return self._result(invoke, choice, tokens_for_chars(len(arguments)))

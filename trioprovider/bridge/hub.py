@@ -31,6 +31,7 @@ from trioprovider.audit import AuditLog
 from trioprovider.bridge.streams import (
     CLOSE_POLICY,
     CLOSE_TOO_BIG,
+    LocalMessageStream,
     MessageStream,
     PeerClosed,
     PeerMisbehaved,
@@ -44,6 +45,7 @@ from trioprovider.protocol import (
     Catalog,
     HelloAck,
     HelloReject,
+    Message,
     ModelCancel,
     ModelError,
     ModelInvoke,
@@ -299,6 +301,11 @@ class BridgeHub:
             stream.peer,
             ", ".join(card.id for card in hello.models),
         )
+        if isinstance(stream, LocalMessageStream):
+            # An in-process agent's replies go to their calls in the agent's own task, as it
+            # sends them: no hop through the reader task (one scheduling pass per message,
+            # serialised over every request of the connection). Same delivery, same bounds.
+            stream.inbox = partial(self._take, link)
         try:
             # Registered before the ack: once the agent hears it is in, it is routable.
             await stream.send(HelloAck(id=hello.id))
@@ -307,6 +314,8 @@ class BridgeHub:
                 await self._read_agent(link)
                 nursery.cancel_scope.cancel()
         finally:
+            if isinstance(stream, LocalMessageStream):
+                stream.inbox = None
             self._links.remove(link)
             # Every request it held ends now with agent_disconnected (see Call).
             link.calls.close_all()
@@ -320,27 +329,33 @@ class BridgeHub:
             except PeerClosed as closed:
                 self._audit_closed(link.stream, closed)
                 return
-            if isinstance(message, (ModelStreamChunk, ModelResult, ModelError)):
-                outcome = await link.calls.deliver(message, self.stall_timeout)
-                if outcome is Delivery.STALLED:
-                    log.warning("bridge: request %s dropped: its client stopped reading", message.id, extra=about(message.id))
-                    self._capacity_freed()
-                    try:
-                        await link.stream.send(ModelCancel(id=message.id, reason="client_too_slow"))
-                    except PeerClosed:
-                        return
-                elif outcome is Delivery.UNKNOWN:
-                    # Normal just after a cancel crosses an answer; otherwise the agent answered
-                    # a request it was not given, which is dropped either way.
-                    log.debug("bridge: %s for request %s not in flight", message.type, message.id, extra=about(message.id))
-                elif not isinstance(message, ModelStreamChunk):
-                    self._capacity_freed()
-            else:
-                log.warning(
-                    "bridge: agent %r sent %s, which agents may not send; ignored",
-                    link.hello.agent_id,
-                    message.type,
-                )
+            await self._take(link, message)
+
+    async def _take(self, link: AgentLink, message: Message) -> None:
+        """Hand one message from an agent to its call (in the reader task, or the agent's own
+        for an in-process agent). Waits only while that call's buffer is full, up to the stall
+        timeout; a peer gone while we answer it is the reader's to notice."""
+        if isinstance(message, (ModelStreamChunk, ModelResult, ModelError)):
+            outcome = await link.calls.deliver(message, self.stall_timeout)
+            if outcome is Delivery.STALLED:
+                log.warning("bridge: request %s dropped: its client stopped reading", message.id, extra=about(message.id))
+                self._capacity_freed()
+                try:
+                    await link.stream.send(ModelCancel(id=message.id, reason="client_too_slow"))
+                except PeerClosed:
+                    pass
+            elif outcome is Delivery.UNKNOWN:
+                # Normal just after a cancel crosses an answer; otherwise the agent answered
+                # a request it was not given, which is dropped either way.
+                log.debug("bridge: %s for request %s not in flight", message.type, message.id, extra=about(message.id))
+            elif not isinstance(message, ModelStreamChunk):
+                self._capacity_freed()
+        else:
+            log.warning(
+                "bridge: agent %r sent %s, which agents may not send; ignored",
+                link.hello.agent_id,
+                message.type,
+            )
 
     async def _serve_provider(self, stream: MessageStream) -> None:
         relays: dict[str, _Relay] = {}

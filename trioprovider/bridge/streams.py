@@ -3,6 +3,8 @@
 Everything above this module talks in :mod:`trioprovider.protocol` messages; only here do they
 become WebSocket frames. An embedded agent or provider uses :func:`local_stream_pair`, which
 hands message objects across memory channels: the same protocol with no socket and no JSON.
+The reader of a local end may even take its peer's messages in the sender's own task
+(:attr:`LocalMessageStream.inbox`), saving the hop through a reader task per message.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import trio
@@ -146,8 +149,26 @@ class LocalMessageStream:
         self._outgoing = outgoing
         self._incoming = incoming
         self.last_seen: float | None = None
+        self._closed = False
+        #: The other end of the pair (set by :func:`local_stream_pair`).
+        self._other: LocalMessageStream | None = None
+        #: Set by this end's reader to take the peer's messages in the peer's own task, as
+        #: the peer sends them, instead of from :meth:`receive`. It must not block for long
+        #: (the sender waits for it) and may raise nothing but ``trio.Cancelled``.
+        self.inbox: Callable[[Message], Awaitable[None]] | None = None
 
     async def send(self, message: Message) -> None:
+        other = self._other
+        if other is not None and other.inbox is not None:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if self._closed or other._closed:
+                raise PeerClosed("local peer closed")
+            other.last_seen = time.time()
+            await other.inbox(message)
+            # A schedule point per message, as a channel send has: a sender in a loop still
+            # lets everyone else run.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
         try:
             await self._outgoing.send(message)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -166,6 +187,8 @@ class LocalMessageStream:
         await trio.sleep(math.inf)
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
+        self._closed = True
+        self.inbox = None
         self._outgoing.close()
         self._incoming.close()
 
@@ -182,7 +205,7 @@ def local_stream_pair(
     """Two connected in-process message streams, bounded by ``buffer`` messages each way."""
     a_to_b_send, a_to_b_receive = trio.open_memory_channel[Message](buffer)
     b_to_a_send, b_to_a_receive = trio.open_memory_channel[Message](buffer)
-    return (
-        LocalMessageStream(name_b, a_to_b_send, b_to_a_receive),
-        LocalMessageStream(name_a, b_to_a_send, a_to_b_receive),
-    )
+    a = LocalMessageStream(name_b, a_to_b_send, b_to_a_receive)
+    b = LocalMessageStream(name_a, b_to_a_send, a_to_b_receive)
+    a._other, b._other = b, a
+    return a, b

@@ -89,13 +89,7 @@ def streaming_response(scope: RequestScope, encoder: WireEncoder, headers: dict[
 async def gather(scope: RequestScope) -> Answer:
     """Run a request to its end and join its events (no stream: nothing to send until then)."""
     answer = Answer()
-    async with scope:
-        while True:
-            try:
-                batch = await scope.receive_batch()
-            except StopAsyncIteration:
-                break
-            answer.feed(batch)
+    answer.feed(await scope.run_to_end())
     return answer
 
 
