@@ -48,10 +48,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    target = next(t for t in all_targets(install_litellm=False) if t.name == args.target)
+    targets = {t.name: t for t in all_targets(install_litellm=False)}
+    target = targets[args.target]
     logs = args.out / "raw"
     logs.mkdir(parents=True, exist_ok=True)
-    server = target.start("fast", "", logs)
+    # A proxy needs the mock upstream (the floor) in front of which it stands.
+    upstream = targets["floor"].start("fast", "", logs) if target.proxy else None
+    server = target.start("fast", upstream.url if upstream else "", logs)
     name = f"profile-{args.target}-{args.scenario}"
     collapsed = logs / f"{name}.collapsed"
     try:
@@ -65,6 +68,8 @@ def main() -> None:
         spy.wait(timeout=60)
     finally:
         server.stop()
+        if upstream is not None:
+            upstream.stop()
     (args.out / f"{name}.txt").write_text(f"{args.target}, {args.scenario} at concurrency {args.concurrency}\n" + summarize(collapsed))
     print(args.out / f"{name}.txt")
 
