@@ -438,3 +438,19 @@ def test_agent_flags_land_in_the_named_agents_section() -> None:
         "agents.cursor_cli.models": ["a", "b"],
     }
     assert overrides("echo", "--models", "x", "--max-concurrency", "2") == {"agents.echo.models": ["x"], "agents.echo.max_concurrency": 2}
+
+
+async def test_an_unstreamed_answer_longer_than_the_first_reply_deadline_arrives_whole() -> None:
+    # The upstream takes ~1.5 s to answer in full; the front's first-reply deadline is 0.5 s. The
+    # agent asks the upstream for a stream, tells the provider it is answering at the first chunk,
+    # and hands over the answer whole in its result (one message, not one per chunk).
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, EchoAgent(tokens=30, delay=0.05))
+        front = await start_server(nursery, front_settings(upstream.provider_url, **{"performance.request_timeout": 0.5}), agents=("openai",))
+        answer = await in_thread(openai_client(front).chat.completions.create, model="echo", messages=USER)
+        assert answer.choices[0].message.content == echo_text("hello there", 30)
+        assert answer.choices[0].finish_reason == "stop"
+        assert answer.usage is not None and answer.usage.completion_tokens == 30
+        front.shutdown.set()
+        upstream.shutdown.set()
+        nursery.cancel_scope.cancel()

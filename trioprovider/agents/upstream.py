@@ -30,7 +30,7 @@ from trioprovider.agents.upstream_wire import (
     upstream_request,
     whole_answer,
 )
-from trioprovider.protocol import ModelCard, ModelInvoke, ModelResult, Usage
+from trioprovider.protocol import Delta, ModelCard, ModelInvoke, ModelResult, Usage
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ class UpstreamAgent:
     ) -> tuple[list[dict[str, Any]], Usage | None]:
         decoder = SseDecoder()
         stream = UpstreamStream(invoke.kind, self.root)
+        answering = False
         # Read on after [DONE] to the body's end, so the connection can be reused.
         async for data in response.aiter_bytes():
             try:
@@ -134,7 +135,14 @@ class UpstreamAgent:
                 raise bad_response(self.root, str(error)) from None
             for event in events:
                 for chunk in stream.feed(event):
-                    await out.send(chunk.delta, chunk.finish_reason)
+                    if invoke.stream:
+                        await out.send(chunk.delta, chunk.finish_reason)
+                    elif not answering:
+                        # Not streamed: the answer goes whole in the result (one message, not one
+                        # per chunk); one empty chunk now tells the provider the upstream is
+                        # answering, so its first-reply deadline does not cut a long answer.
+                        answering = True
+                        await out.send(Delta())
         stream.end()
         return stream.result()
 
