@@ -219,3 +219,17 @@ async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
             await process.wait()
         assert process.returncode == 0
         nursery.cancel_scope.cancel()
+
+
+def test_an_allowed_non_loopback_bind_is_warned_about_once(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from trioprovider.server import preflight
+    from support import make_settings
+
+    settings = make_settings(**{"provider.host": "0.0.0.0", "provider.allow_non_loopback": True, "mcp.bridge_url": "ws://0.0.0.0:0"})
+    with caplog.at_level(logging.WARNING):
+        preflight(settings, warn=False)  # the CLI's early check: silent
+        preflight(settings)  # the server's, as it starts: loud, once
+    warnings = [record.getMessage() for record in caplog.records if "LISTENING ON" in record.getMessage()]
+    assert warnings == ["LISTENING ON 0.0.0.0: any machine that can reach it can try your API keys and bridge token"]

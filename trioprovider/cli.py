@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from trioprovider.server import StartupError, preflight
 
             try:
-                preflight(settings, args.agent)
+                preflight(settings, args.agent, warn=False)
                 trio.run(_run_server, settings, args.agent)
             except StartupError as error:
                 raise ConfigError(str(error)) from None
@@ -335,12 +335,12 @@ async def _run_bridge(settings: Settings) -> None:
     import urllib.parse
 
     from trioprovider.bridge.server import serve_bridge
-    from trioprovider.server import check_bind, make_hub
+    from trioprovider.server import check_bind, make_hub, warn_exposed
 
     token = settings.mcp.token or new_secret()
     url = urllib.parse.urlsplit(settings.mcp.bridge_url)
     host = url.hostname or "127.0.0.1"
-    check_bind(host, settings.provider.allow_non_loopback)
+    warn_exposed([host] if check_bind(host, settings.provider.allow_non_loopback) else [])
     hub = make_hub(settings, token)
     async with trio.open_nursery() as nursery:
         port = await nursery.start(partial(serve_bridge, hub, host, 8787 if url.port is None else url.port, max_frame_bytes=settings.mcp.max_frame_bytes))

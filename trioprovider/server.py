@@ -115,9 +115,10 @@ def make_agent(name: str, settings: Settings) -> Agent:
     raise StartupError(f"unknown agent {name!r}; known agents: {', '.join(AGENT_NAMES)}")
 
 
-def check_bind(host: str, allow_non_loopback: bool) -> None:
+def check_bind(host: str, allow_non_loopback: bool) -> bool:
+    """Refuse a non-loopback ``host`` unless allowed (StartupError); True if it is one (exposed)."""
     if host == "localhost":
-        return
+        return False
     try:
         loopback = ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -127,8 +128,15 @@ def check_bind(host: str, allow_non_loopback: bool) -> None:
             f"provider.host: refusing to listen on {host!r}, which is not a loopback address; "
             "set provider.allow_non_loopback = true to expose the server to the network"
         )
-    if not loopback:
-        log.warning("LISTENING ON %s: any machine that can reach it can try your API keys", host)
+    return not loopback
+
+
+def warn_exposed(hosts: Sequence[str]) -> None:
+    if hosts:
+        log.warning(
+            "LISTENING ON %s: any machine that can reach it can try your API keys and bridge token",
+            ", ".join(sorted(set(hosts))),
+        )
 
 
 def make_hub(settings: Settings, token: str, audit: AuditLog | None = None) -> BridgeHub:
@@ -153,15 +161,21 @@ def open_audit_log(settings: Settings) -> AuditLog:
         raise StartupError(f"logging.audit_file: cannot write {logs.audit_file}: {error.strerror or error}") from None
 
 
-def preflight(settings: Settings, agents: Sequence[str] = ()) -> list[Agent]:
-    """Check what can be checked before any task starts; the embedded agents to run."""
-    check_bind(settings.provider.host, settings.provider.allow_non_loopback)
+def preflight(settings: Settings, agents: Sequence[str] = (), *, warn: bool = True) -> list[Agent]:
+    """Check what can be checked before any task starts; the embedded agents to run.
+
+    ``warn``: say (once) which addresses are exposed; the CLI checks early without it, and the
+    server says it as it starts."""
+    exposed = [settings.provider.host] if check_bind(settings.provider.host, settings.provider.allow_non_loopback) else []
     if settings.ollama.listen:
         # No key on that listener: loopback only, whatever allow_non_loopback says.
         check_bind(settings.ollama.listen.rsplit(":", 1)[0].strip("[]"), allow_non_loopback=False)
     if settings.mcp.embedded_bridge:
         bridge_host = urllib.parse.urlsplit(settings.mcp.bridge_url).hostname or "127.0.0.1"
-        check_bind(bridge_host, settings.provider.allow_non_loopback)
+        if check_bind(bridge_host, settings.provider.allow_non_loopback):
+            exposed.append(bridge_host)
+    if warn:
+        warn_exposed(exposed)
     return [make_agent(name, settings) for name in (*settings.agents.embedded, *agents)]
 
 
