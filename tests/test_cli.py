@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import re
 import signal
 import stat
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import openai
@@ -30,6 +31,40 @@ async def read_banner(process: trio.Process, until: str) -> str:
             assert data, f"process ended before printing {until!r}: {text}"
             text += data.decode()
     return text
+
+
+@dataclass
+class ServerProcess:
+    """``python -m trioprovider ...`` started by a test, with what its banner says."""
+
+    process: trio.Process
+    banner: str
+
+    def field(self, pattern: str) -> str:
+        return re.search(pattern, self.banner).group(1)  # type: ignore[union-attr]
+
+    @property
+    def url(self) -> str:
+        return self.field(r"OpenAI API\s+(\S+)/v1")
+
+    @property
+    def key(self) -> str:
+        return self.field(r"API key\s+(\S+)")
+
+    @property
+    def bridge(self) -> str:
+        return self.field(r"bridge\s+(ws://\S+)")
+
+
+async def start_server_process(nursery: trio.Nursery, tmp_path: Path, env: dict[str, str], *argv: str) -> ServerProcess:
+    """Start the server as its own process; return once its banner is out."""
+    process = await nursery.start(
+        lambda task_status: trio.run_process(
+            [sys.executable, "-m", "trioprovider", *argv], cwd=str(tmp_path), env=env,
+            stdout=subprocess.PIPE, check=False, task_status=task_status,
+        )
+    )
+    return ServerProcess(process, await read_banner(process, "Ctrl+C"))
 
 
 def test_init_writes_a_private_config_with_a_hashed_key(tmp_path: Path) -> None:
@@ -159,16 +194,8 @@ async def test_sigterm_with_a_stream_in_flight_ends_it_cleanly_and_exits_0(tmp_p
         "LOCAL_PROVIDER_BRIDGE_TOKEN": token, "LOCAL_PROVIDER_GRACEFUL_TIMEOUT": "1",
     }
     async with trio.open_nursery() as nursery:
-        process = await nursery.start(
-            lambda task_status: trio.run_process(
-                [sys.executable, "-m", "trioprovider"], cwd=str(tmp_path), env=env,
-                stdout=subprocess.PIPE, check=False, task_status=task_status,
-            )
-        )
-        banner = await read_banner(process, "Ctrl+C")
-        url = re.search(r"OpenAI API\s+(\S+)/v1", banner).group(1)  # type: ignore[union-attr]
-        key = re.search(r"API key\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
-        bridge = re.search(r"bridge\s+(ws://\S+)", banner).group(1)  # type: ignore[union-attr]
+        server = await start_server_process(nursery, tmp_path, env)
+        process, url, key, bridge = server.process, server.url, server.key, server.bridge
         # An answer far longer than the grace period.
         agent = EchoAgent(tokens=10_000, delay=0.01)
         # Keeps retrying once the server is gone, until the test ends it.
@@ -199,15 +226,8 @@ async def test_a_second_signal_stops_at_once(tmp_path: Path) -> None:
         "LOCAL_PROVIDER_GRACEFUL_TIMEOUT": "60", "LOCAL_PROVIDER_ECHO_TOKENS": "100000", "LOCAL_PROVIDER_ECHO_DELAY_MS": "10",
     }
     async with trio.open_nursery() as nursery:
-        process = await nursery.start(
-            lambda task_status: trio.run_process(
-                [sys.executable, "-m", "trioprovider", "--agent", "echo"], cwd=str(tmp_path), env=env,
-                stdout=subprocess.PIPE, check=False, task_status=task_status,
-            )
-        )
-        banner = await read_banner(process, "Ctrl+C")
-        url = re.search(r"OpenAI API\s+(\S+)/v1", banner).group(1)  # type: ignore[union-attr]
-        key = re.search(r"API key\s+(\S+)", banner).group(1)  # type: ignore[union-attr]
+        server = await start_server_process(nursery, tmp_path, env, "--agent", "echo")
+        process, url, key = server.process, server.url, server.key
         stream = await RawHTTP.post(url, "/v1/chat/completions", chat_body(model="echo"), api_key=key)
         await stream.read_until(b'"content"')
         process.send_signal(signal.SIGINT)

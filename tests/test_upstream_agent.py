@@ -6,9 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
-from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -27,6 +25,7 @@ from support import (
     openai_client,
     sse_payloads,
     start_server,
+    wait_until,
 )
 from trioprovider.agents.echo import EchoAgent, echo_text
 from trioprovider.agents.runner import AgentStartError, run_agent
@@ -40,12 +39,6 @@ TOOLS = [
         "function": {"name": "read_file", "description": "Read a file", "parameters": {"type": "object", "properties": {"text": {}}}},
     }
 ]
-
-
-async def wait_until(predicate: Callable[[], object], timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.005)
 
 
 async def start_upstream(nursery: trio.Nursery, agent: EchoAgent, **overrides: Any) -> Running:
