@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 from trioprovider.admission import Admission, Gate
 from trioprovider.audit import AuditLog
 from trioprovider.auth import KeyMatch, KeyRing, Principal, presented_prefix
-from trioprovider.bridge.calls import Bridge, Resolution
+from trioprovider.bridge.calls import Bridge, Resolution, catalog
 from trioprovider.config import Settings
 from trioprovider.logs import access_fields, access_message, current_request_id
 from trioprovider.metrics import Live, Metrics
@@ -188,6 +188,11 @@ class Provider:
         if match is None:
             raise unauthorized()
         return Principal(match.label, client)
+
+    def supports_vision(self, model: str) -> bool:
+        """Whether an agent serving ``model`` advertises image input."""
+        cards = catalog(self.bridge.agents(), self.settings.provider.model_name)
+        return any(card.id == model and card.supports_vision for card in cards)
 
     async def require_model(self, model: str) -> None:
         """Return if ``model`` can be served now; 404 if unknown, 503 if no agent turns up."""

@@ -97,7 +97,7 @@ async def chat() -> Response:
     principal = provider.authenticate()
     body = await read_json()
     chat_request: OllamaChatRequest = parse_request(OllamaChatRequest, body)
-    vision = any(card.id == chat_request.model and card.supports_vision for card in _cards())
+    vision = provider.supports_vision(chat_request.model)
     invoke = ollama_chat_invoke(
         chat_request, body.get("messages") or [], request_id=request.request_id, session_id="", defaults=defaults(provider), vision=vision  # type: ignore[attr-defined]
     )

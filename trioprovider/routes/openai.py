@@ -10,7 +10,6 @@ from quart import Blueprint, Response, jsonify, request
 from trioprovider.app import Provider, current_provider, read_json
 from trioprovider.bridge.calls import catalog
 from trioprovider.errors import model_not_found
-from trioprovider.protocol import ModelCard
 from trioprovider.routes.model_requests import defaults, open_scope, respond
 from trioprovider.wire.openai import (
     ChatCompletionRequest,
@@ -51,10 +50,6 @@ async def list_models() -> Response:
     return jsonify({"object": "list", "data": _model_entries(provider)})
 
 
-def _vision(provider_models: list[ModelCard], model: str) -> bool:
-    return any(card.id == model and card.supports_vision for card in provider_models)
-
-
 @blueprint.get("/v1/models/<path:model_id>")
 async def get_model(model_id: str) -> Response:
     provider = current_provider()
@@ -72,8 +67,7 @@ async def chat_completions() -> Response:
     body = await read_json()
     chat: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
     request_id: str = request.request_id  # type: ignore[attr-defined]
-    cards = catalog(provider.bridge.agents(), provider.settings.provider.model_name)
-    messages = normalize_messages(body["messages"], vision=_vision(cards, chat.model))
+    messages = normalize_messages(body["messages"], vision=provider.supports_vision(chat.model))
     invoke = chat_invoke(chat, messages, request_id=request_id, session_id="", defaults=defaults(provider))
     scope, headers = await open_scope(provider, principal, invoke, heartbeat=chat.stream)
     completion_id, created = f"chatcmpl-{request_id}", int(time.time())
