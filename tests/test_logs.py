@@ -187,13 +187,13 @@ async def test_lines_about_a_request_carry_the_id_the_client_saw(captured: io.St
     lines = [line for line in json_lines(captured) if line["logger"].startswith("trioprovider")]
     request_id = answer.headers["x-request-id"]
     about_it = [line for line in lines if line.get("request_id") == request_id]
-    assert {line["logger"] for line in about_it} >= {"trioprovider.access", "trioprovider.app"}
+    assert {line["logger"] for line in about_it} >= {"trioprovider.access", "trioprovider.provider"}
     access = next(line for line in about_it if line["logger"] == "trioprovider.access")
     assert (access["method"], access["path"], access["status"], access["complete"]) == ("POST", "/v1/chat/completions", 200, True)
     models = next(line for line in lines if line.get("request_id") == query.headers["x-request-id"])
     assert models["path"] == "/v1/models" and "in-the-query" not in json.dumps(lines)
     about_left = {line["logger"] for line in lines if line.get("request_id") == left_id}
-    assert about_left >= {"trioprovider.access", "trioprovider.app", "trioprovider.agents.runner"}
+    assert about_left >= {"trioprovider.access", "trioprovider.provider", "trioprovider.agents.runner"}
     # Every line that names a request in its text carries that request's id.
     for line in lines:
         for named in (request_id, left_id):
@@ -294,7 +294,7 @@ backup_count = 3
         for request_id in seen:
             if request_id in line["message"]:
                 assert line.get("request_id") == request_id, line
-    assert any(line["logger"] == "trioprovider.app" and line.get("request_id") in seen for line in lines)
+    assert any(line["logger"] == "trioprovider.provider" and line.get("request_id") in seen for line in lines)
     # The console has every line, the same JSON; the files keep the newest of them.
     console = [json.loads(line) for line in stderr.splitlines()]
     assert console[-len(lines):] == lines and len(console) > len(lines)
@@ -314,7 +314,7 @@ bridge_url = "ws://127.0.0.1:0"
     assert not (tmp_path / "logs" / "provider.log").exists()
     assert "trioprovider.access" not in text and "trioprovider.access" not in stderr
     assert re.search(r"^\S+ \S+ INFO +trioprovider\.server: SIGTERM received: draining$", text, re.MULTILINE)
-    tagged = re.findall(r" trioprovider\.app \[(\w+)\]: model request", text)
+    tagged = re.findall(r" trioprovider\.provider \[(\w+)\]: model request", text)
     assert tagged and set(tagged) <= set(seen)
     assert text in stderr  # the same lines on the console
     assert_no_secret_under(tmp_path / "logs", stderr)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,17 @@ class ApiError(Exception):
 
     def ollama_body(self) -> dict[str, Any]:
         return {"error": self.message}
+
+    def answer(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        """Status, headers and body of this error as an answer to a request for ``path``
+        (Ollama's shape under ``/api/``, OpenAI's elsewhere)."""
+        body = self.ollama_body() if path.startswith("/api/") else self.openai_body()
+        headers = {"Content-Type": "application/json", **self.headers}
+        if self.status in (408, 413):
+            # The unread rest of the body would otherwise be taken for the next request: close,
+            # and say so, so that clients do not send their next request on this connection.
+            headers["Connection"] = "close"
+        return self.status, headers, json.dumps(body).encode()
 
     def with_headers(self, headers: dict[str, str]) -> ApiError:
         return ApiError(self.status, self.message, self.code, self.param, {**headers, **self.headers})

@@ -29,3 +29,15 @@ def origin_allowed(origin: str | None, patterns: list[str]) -> bool:
         return True
     origin = origin.strip().lower()
     return any(fnmatch.fnmatchcase(origin, pattern.lower()) for pattern in patterns)
+
+
+def preflight_headers(origin: str, requested_headers: str | None) -> dict[str, str]:
+    """The headers of the answer to a CORS preflight from an allowed ``origin`` (any route,
+    any method we serve); ``requested_headers`` is its Access-Control-Request-Headers."""
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": "GET, HEAD, POST, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": (requested_headers or "Authorization, Content-Type")[:1000],
+        "Access-Control-Max-Age": "600",
+        "Vary": "Origin",
+    }

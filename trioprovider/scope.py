@@ -15,10 +15,10 @@ and the session calls the scope's :meth:`~RequestScope.cancel` when it expires o
 An answer that is not streamed needs no nursery: :meth:`RequestScope.run_to_end` runs the agent
 stream in the request's own task and gathers its events in a list.
 
-Quart returns a view's response before its body streams, so for a streamed answer the nursery
-cannot live in the view: :class:`StreamingBody` (a Quart ``ResponseBody``) opens the scope in
-``__aenter__`` and closes it in ``__aexit__``, both inside the request task. Nothing yields
-from inside a nursery: events cross to the body through a bounded memory channel.
+For a streamed answer the route returns before the answer streams: the HTTP layer
+(:mod:`trioprovider.model_routes`) enters the scope around sending the body, in the request
+task. Nothing yields from inside a nursery: events cross to the body through a bounded
+memory channel.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ from types import TracebackType
 from typing import Protocol
 
 import trio
-from quart.wrappers.response import ResponseBody
 
 from trioprovider.bridge.calls import Bridge, Call, NoAgent, Overloaded
 from trioprovider.errors import ApiError
@@ -139,7 +138,9 @@ class RequestScope:
         self.heartbeat_interval = heartbeat_interval
         self._observer = observer
         self.translator = ReplyTranslator(prompt_tokens)
-        self._send, self._receive = trio.open_memory_channel[Event](EVENT_BUFFER)
+        #: Events on their way to the response body; opened by ``__aenter__`` (a request run
+        #: to its end in one task needs none).
+        self._receive: trio.MemoryReceiveChannel[Event] | None = None
         self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
         self._nursery: trio.Nursery | None = None
         self._agent_scope = trio.CancelScope()
@@ -194,10 +195,11 @@ class RequestScope:
         # entered, so __aexit__ (which closes it) always matches.
         self._nursery_manager, self._nursery = manager, nursery
         self._open()
-        nursery.start_soon(self._agent_stream, self._send.clone())
+        send, self._receive = trio.open_memory_channel[Event](EVENT_BUFFER)
+        nursery.start_soon(self._agent_stream, send.clone())
         if self.heartbeat_interval:
-            nursery.start_soon(self._heartbeat, self._send.clone(), self.heartbeat_interval)
-        self._send.close()
+            nursery.start_soon(self._heartbeat, send.clone(), self.heartbeat_interval)
+        send.close()
         return self
 
     async def __aexit__(
@@ -218,7 +220,8 @@ class RequestScope:
         if self._closed:
             return
         self._closed = True
-        self._receive.close()
+        if self._receive is not None:
+            self._receive.close()
         now = trio.current_time()
         if self.finished_at is None:
             self.finished_at = now
@@ -239,6 +242,7 @@ class RequestScope:
 
     async def receive_batch(self) -> list[Event]:
         """The next events (at least one, all that are ready); ``StopAsyncIteration`` at the end."""
+        assert self._receive is not None, "receive_batch needs `async with scope`"
         try:
             batch = [await self._receive.receive()]
         except (trio.EndOfChannel, trio.ClosedResourceError):
@@ -373,29 +377,3 @@ class WireEncoder(Protocol):
 
     def encode(self, events: list[Event]) -> bytes:
         ...
-
-
-class StreamingBody(ResponseBody):
-    """A Quart response body that owns a :class:`RequestScope` for as long as it streams."""
-
-    def __init__(self, scope: RequestScope, encoder: WireEncoder) -> None:
-        self.scope = scope
-        self.encoder = encoder
-
-    async def __aenter__(self) -> StreamingBody:
-        await self.scope.__aenter__()
-        return self
-
-    async def __aexit__(
-        self, exc_type: type[BaseException], exc_value: BaseException, tb: TracebackType
-    ) -> None:
-        await self.scope.__aexit__(exc_type, exc_value, tb)
-
-    def __aiter__(self) -> StreamingBody:
-        return self
-
-    async def __anext__(self) -> bytes:
-        while True:
-            data = self.encoder.encode(await self.scope.receive_batch())
-            if data:
-                return data

@@ -37,7 +37,10 @@ from trioprovider.admission import Gate
 from trioprovider.agents.echo import EchoAgent
 from trioprovider.audit import AuditLog
 from trioprovider.agents.runner import Agent, lifetime, run_agent, serve_agent
-from trioprovider.app import Provider, RequestGuard, create_app
+from trioprovider.app import create_app
+from trioprovider.guard import RequestGuard
+from trioprovider.model_routes import ModelRoutes
+from trioprovider.provider import Provider
 from trioprovider.auth import KeyRing
 from trioprovider.bridge.calls import Bridge
 from trioprovider.bridge.hub import BridgeHub
@@ -344,7 +347,7 @@ async def _serve_http(
 
         async def serve(task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
             await hypercorn.trio.serve(
-                RequestGuard(create_app(provider), access_log=access_log), config, shutdown_trigger=drain, task_status=task_status
+                RequestGuard(ModelRoutes(provider, create_app(provider)), provider, access_log=access_log), config, shutdown_trigger=drain, task_status=task_status
             )
 
         binds = await nursery.start(serve)

@@ -1,7 +1,9 @@
-"""Size bounds on a model request, checked on its ``model_invoke`` (both wire formats)."""
+"""Checks on a request body before anything acts on it: that it is JSON text, and the size
+bounds of a model request (on its ``model_invoke``, both wire formats)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,3 +69,40 @@ def check_sizes(invoke: ModelInvoke, limits: SizeLimits) -> None:
             "(security.max_total_content_bytes).",
             param="messages" if invoke.messages is not None else "prompt",
         )
+
+
+def parse_json(data: bytes) -> Any:
+    """A request body as JSON, or a 400 saying what is wrong with it."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid_request("The request body is not valid UTF-8.") from None
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise invalid_request(f"The request body is not valid JSON: {error}.") from None
+    except RecursionError:
+        raise invalid_request("The request body is nested too deeply.") from None
+    try:
+        lone_surrogate = "\\u" in text and _has_lone_surrogate(body)
+    except RecursionError:
+        raise invalid_request("The request body is nested too deeply.") from None
+    if lone_surrogate:
+        # JSON may escape half a UTF-16 pair ("\ud800"); such a string is not text, cannot be
+        # sent on to an agent as UTF-8, and would fail later as a 5xx.
+        raise invalid_request("The request body contains an unpaired UTF-16 surrogate escape (\\ud800-\\udfff).")
+    return body
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(key) or _has_lone_surrogate(item) for key, item in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(item) for item in value)
+    return False

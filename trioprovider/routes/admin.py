@@ -6,9 +6,10 @@ import hmac
 import time
 
 import trio
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, jsonify
 
-from trioprovider.app import Provider, current_provider
+from trioprovider.app import current_provider
+from trioprovider.provider import Provider, current_incoming
 from trioprovider.auth import presented_prefix
 from trioprovider.errors import ApiError, unauthorized
 from trioprovider.sessions import Session
@@ -19,6 +20,7 @@ blueprint = Blueprint("admin", __name__)
 @blueprint.before_request
 async def require_admin_token() -> None:
     provider = current_provider()
+    incoming = current_incoming()
     token = provider.settings.security.admin_token
     if not token:
         raise ApiError(
@@ -26,9 +28,9 @@ async def require_admin_token() -> None:
             "The admin API is off: set security.admin_token (or LOCAL_PROVIDER_ADMIN_TOKEN).",
             code="admin_disabled",
         )
-    if provider.on_keyless_listener():
+    if provider.on_keyless_listener(incoming):
         raise ApiError(403, "The admin API is not served on the key-less Ollama listener.", code="forbidden")
-    authorization = request.headers.get("Authorization") or ""
+    authorization = incoming.header("authorization") or ""
     scheme, _, presented = authorization.partition(" ")
     valid = scheme.lower() == "bearer" and hmac.compare_digest(presented.strip().encode(), token.encode())
     provider.audit.record(
@@ -36,9 +38,9 @@ async def require_admin_token() -> None:
         success=valid,
         key="admin" if valid else None,
         key_prefix=None if valid else (presented_prefix(authorization) or None),
-        client=request.remote_addr,
-        path=request.path,
-        request_id=getattr(request, "request_id", None),
+        client=incoming.client,
+        path=incoming.path,
+        request_id=incoming.request_id,
     )
     if not valid:
         raise unauthorized("Invalid or missing admin token. Send 'Authorization: Bearer <security.admin_token>'.")
@@ -71,7 +73,7 @@ def _revoke(provider: Provider, session: Session) -> None:
         owner=session.owner,
         active_requests=session.active_requests,
         by="admin",
-        client=request.remote_addr,
+        client=current_incoming().client,
     )
 
 

@@ -12,6 +12,7 @@ import re
 from quart import Blueprint, Response, jsonify, request
 
 from trioprovider.app import current_provider
+from trioprovider.provider import current_incoming
 from trioprovider.errors import ApiError, invalid_request
 
 blueprint = Blueprint("metrics", __name__)
@@ -30,9 +31,9 @@ def wants_json(accept: str, format_param: str | None) -> bool:
 @blueprint.get("/metrics")
 async def metrics() -> Response:
     provider = current_provider()
-    if provider.on_keyless_listener():
+    if provider.on_keyless_listener(current_incoming()):
         raise ApiError(403, "/metrics needs an API key; it is not served on the key-less Ollama listener.", code="forbidden")
-    provider.authenticate()
+    provider.authenticate(current_incoming())
     format_param = request.args.get("format")
     if format_param is not None and format_param not in FORMATS:
         raise invalid_request(f"format must be one of {', '.join(FORMATS)}.", param="format")

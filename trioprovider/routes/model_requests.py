@@ -1,5 +1,9 @@
 """What every model route does once its request is parsed: admit it, give it a RequestScope,
-and answer as a stream or as one body. Shared by the OpenAI and Ollama surfaces."""
+and answer as a stream or as one body. Shared by the OpenAI and Ollama surfaces.
+
+Nothing here knows a web framework: a model route returns a :class:`Reply` and
+:mod:`trioprovider.model_routes` puts it on the wire.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +11,15 @@ import json
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-from quart import Response, jsonify
-
-from trioprovider.app import Provider, current_exchange
 from trioprovider.auth import Principal
 from trioprovider.errors import ApiError
+from trioprovider.incoming import Incoming
 from trioprovider.protocol import ModelInvoke
-from trioprovider.scope import Deadlines, RequestScope, StreamingBody, WireEncoder
+from trioprovider.provider import Provider, current_exchange
+from trioprovider.scope import Deadlines, RequestScope, WireEncoder
 from trioprovider.tokens import estimate_prompt_tokens
 from trioprovider.validation import SizeLimits, check_sizes
 from trioprovider.wire.answer import Answer
@@ -40,8 +44,29 @@ def _deadlines(provider: Provider) -> Deadlines:
     return Deadlines(first_event=seconds(performance.request_timeout), total=seconds(performance.response_timeout))
 
 
+@dataclass
+class WholeReply:
+    """An answer sent at once: a JSON body."""
+
+    body: dict[str, Any]
+    headers: dict[str, str]
+
+
+@dataclass
+class StreamReply:
+    """An answer streamed as the agent writes it: the scope's events through ``encoder``."""
+
+    scope: RequestScope
+    encoder: WireEncoder
+    headers: dict[str, str]
+    content_type: str
+
+
+Reply = WholeReply | StreamReply
+
+
 async def open_scope(
-    provider: Provider, principal: Principal, invoke: ModelInvoke, *, heartbeat: bool
+    provider: Provider, incoming: Incoming, principal: Principal, invoke: ModelInvoke, *, heartbeat: bool
 ) -> tuple[RequestScope, dict[str, str]]:
     """Admit a fully validated request; its scope and the headers every answer carries.
 
@@ -52,7 +77,7 @@ async def open_scope(
     prompt_tokens = estimate_prompt_tokens(invoke.messages, invoke.prompt)
     try:
         await provider.require_model(invoke.model)
-        admission = await provider.admit(principal, prompt_tokens + (invoke.max_tokens or 0))
+        admission = await provider.admit(incoming, principal, prompt_tokens + (invoke.max_tokens or 0))
     except ApiError as error:
         exchange = current_exchange()
         provider.metrics.model_request_refused(
@@ -75,17 +100,6 @@ async def open_scope(
     return scope, provider.response_headers(invoke.id, admission)
 
 
-def streaming_response(scope: RequestScope, encoder: WireEncoder, headers: dict[str, str], mimetype: str) -> Response:
-    response = Response(
-        StreamingBody(scope, encoder),
-        mimetype=mimetype,
-        headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-    )
-    # Quart's RESPONSE_TIMEOUT would otherwise cut a long answer off silently.
-    response.timeout = None
-    return response
-
-
 async def gather(scope: RequestScope) -> Answer:
     """Run a request to its end and join its events (no stream: nothing to send until then)."""
     answer = Answer()
@@ -99,15 +113,13 @@ async def respond(
     *,
     stream: bool,
     encoder: Callable[[], WireEncoder],
-    mimetype: str,
+    content_type: str,
     whole: Callable[[Answer], dict[str, Any]],
-) -> Response:
+) -> Reply:
     """A stream of ``encoder()``'s records, or (no stream) the request run to its end as ``whole``."""
     if stream:
-        return streaming_response(scope, encoder(), headers, mimetype)
+        return StreamReply(scope, encoder(), {**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, content_type)
     answer = await gather(scope)
     if answer.error is not None:
         raise answer.error.with_headers(headers)
-    response = jsonify(whole(answer))
-    response.headers.update(headers)
-    return response
+    return WholeReply(whole(answer), headers)

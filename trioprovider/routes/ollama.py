@@ -1,18 +1,24 @@
-"""The Ollama-compatible routes: ``/api/*`` and the ``Ollama is running`` root."""
+"""The Ollama-compatible routes: ``/api/*`` and the ``Ollama is running`` root (Quart), and the
+two model routes, ``/api/chat`` and ``/api/generate`` (plain functions served by
+:mod:`trioprovider.model_routes`)."""
 
 from __future__ import annotations
 
 import datetime as dt
 import time
+from typing import Any
 
-from quart import Blueprint, Response, jsonify, request
+from quart import Blueprint, Response, jsonify
 
 from trioprovider import __version__
 from trioprovider.app import current_provider, read_json
+from trioprovider.auth import Principal
 from trioprovider.bridge.calls import catalog
 from trioprovider.errors import invalid_request, model_not_found
+from trioprovider.incoming import Incoming
 from trioprovider.protocol import ModelCard
-from trioprovider.routes.model_requests import defaults, open_scope, respond
+from trioprovider.provider import Provider, current_incoming
+from trioprovider.routes.model_requests import Reply, defaults, open_scope, respond
 from trioprovider.scope import RequestScope
 from trioprovider.wire.ollama import (
     ROOT_TEXT,
@@ -58,19 +64,19 @@ async def version() -> Response:
 
 @blueprint.get("/api/tags")
 async def tags() -> Response:
-    current_provider().authenticate()
+    current_provider().authenticate(current_incoming())
     return jsonify(tags_payload(_cards(), _now()))
 
 
 @blueprint.get("/api/ps")
 async def ps() -> Response:
-    current_provider().authenticate()
+    current_provider().authenticate(current_incoming())
     return jsonify(ps_payload(_cards()))
 
 
 @blueprint.post("/api/show")
 async def show() -> Response:
-    current_provider().authenticate()
+    current_provider().authenticate(current_incoming())
     body = await read_json()
     name = body.get("model") or body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not name:
@@ -91,42 +97,36 @@ def _timing_of(scope: RequestScope) -> Timing:
     return Timing(started_ns=int(scope.started_at * 1e9), first_token_ns=ns(scope.first_event_at), finished_ns=ns(scope.finished_at))
 
 
-@blueprint.post("/api/chat")
-async def chat() -> Response:
-    provider = current_provider()
-    principal = provider.authenticate()
-    body = await read_json()
+async def chat(provider: Provider, incoming: Incoming, principal: Principal, body: Any) -> Reply:
+    """``POST /api/chat``."""
     chat_request: OllamaChatRequest = parse_request(OllamaChatRequest, body)
     vision = provider.supports_vision(chat_request.model)
     invoke = ollama_chat_invoke(
-        chat_request, body.get("messages") or [], request_id=request.request_id, session_id="", defaults=defaults(provider), vision=vision  # type: ignore[attr-defined]
+        chat_request, body.get("messages") or [], request_id=incoming.request_id, session_id="", defaults=defaults(provider), vision=vision
     )
-    scope, headers = await open_scope(provider, principal, invoke, heartbeat=False)
+    scope, headers = await open_scope(provider, incoming, principal, invoke, heartbeat=False)
     return await respond(
         scope,
         headers,
         stream=chat_request.stream,
         encoder=lambda: OllamaChatEncoder(chat_request.model, _now(), Timing(started_ns=time.monotonic_ns()), clock=time.monotonic_ns),
-        mimetype=NDJSON,
+        content_type=NDJSON,
         whole=lambda answer: ollama_chat_response(answer, chat_request.model, _now(), _timing_of(scope)),
     )
 
 
-@blueprint.post("/api/generate")
-async def generate() -> Response:
-    provider = current_provider()
-    principal = provider.authenticate()
-    body = await read_json()
+async def generate(provider: Provider, incoming: Incoming, principal: Principal, body: Any) -> Reply:
+    """``POST /api/generate``."""
     generate_request: OllamaGenerateRequest = parse_request(OllamaGenerateRequest, body)
     invoke = ollama_generate_invoke(
-        generate_request, request_id=request.request_id, session_id="", defaults=defaults(provider)  # type: ignore[attr-defined]
+        generate_request, request_id=incoming.request_id, session_id="", defaults=defaults(provider)
     )
-    scope, headers = await open_scope(provider, principal, invoke, heartbeat=False)
+    scope, headers = await open_scope(provider, incoming, principal, invoke, heartbeat=False)
     return await respond(
         scope,
         headers,
         stream=generate_request.stream,
         encoder=lambda: OllamaGenerateEncoder(generate_request.model, _now(), Timing(started_ns=time.monotonic_ns()), clock=time.monotonic_ns),
-        mimetype=NDJSON,
+        content_type=NDJSON,
         whole=lambda answer: ollama_generate_response(answer, generate_request.model, _now(), _timing_of(scope)),
     )

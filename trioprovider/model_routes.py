@@ -1,0 +1,193 @@
+"""The four model routes on plain ASGI, in front of the Quart app that serves everything else.
+
+Every model request passes here, and a framework's request and response objects, hooks, URL map
+and per-request tasks cost more than the rest of the request (bench/results/profile-*.txt:
+with Quart, a request that does nothing at all ran at 0.4 of bare Hypercorn). The routes
+themselves (:mod:`trioprovider.routes.openai`, :mod:`trioprovider.routes.ollama`) are plain
+functions that return a :class:`~trioprovider.routes.model_requests.Reply`; this module asks the
+provider's questions in the same order as the Quart hooks (Host and Origin, key, body) and puts
+the reply on the wire.
+
+One request::
+
+    ModelRoutes.__call__           Host/Origin (403), method (405), key (401), body (413, 408, 400)
+    └── nursery
+        ├── disconnect watcher     http.disconnect -> cancel the request (agent gets model_cancel)
+        └── (this task)            the route, then the answer: one body, or the scope's events
+                                   encoded as they come, several ready ones to a write
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
+
+import trio
+from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
+
+from trioprovider.auth import Principal
+from trioprovider.errors import ApiError
+from trioprovider.incoming import Incoming
+from trioprovider.origins import preflight_headers
+from trioprovider.provider import Provider, current_exchange, current_incoming
+from trioprovider.routes import ollama, openai
+from trioprovider.routes.model_requests import Reply, StreamReply
+from trioprovider.validation import parse_json
+
+log = logging.getLogger(__name__)
+
+ModelRoute = Callable[[Provider, Incoming, Principal, Any], Awaitable[Reply]]
+
+ROUTES: dict[str, ModelRoute] = {
+    "/v1/chat/completions": openai.chat_completions,
+    "/v1/completions": openai.completions,
+    "/api/chat": ollama.chat,
+    "/api/generate": ollama.generate,
+}
+
+ALLOWED_METHODS = "OPTIONS, POST"
+
+
+class ClientLeft(Exception):
+    """The client hung up before its request body was complete."""
+
+
+def _header_list(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+
+
+class ModelRoutes:
+    """ASGI app: the model routes here, every other request to ``fallback`` (the Quart app).
+
+    Runs inside :class:`~trioprovider.guard.RequestGuard`, which has read the request into
+    :func:`~trioprovider.provider.current_incoming` and releases what it took.
+    """
+
+    def __init__(self, provider: Provider, fallback: ASGIFramework) -> None:
+        self.provider = provider
+        self.fallback = fallback
+
+    async def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        route = ROUTES.get(scope["path"]) if scope["type"] == "http" else None
+        if route is None:
+            await self.fallback(scope, receive, send)
+            return
+        incoming = current_incoming()
+        exchange = current_exchange()
+        if exchange is not None:
+            exchange.route = incoming.path
+        try:
+            await self._serve(route, incoming, receive, send)
+        except ApiError as error:
+            await self._send_error(send, incoming, error)
+        except ClientLeft:
+            pass
+        except Exception:
+            log.exception("unhandled error")
+            if exchange is None or exchange.status is None:  # else the answer has begun: too late
+                await self._send_error(send, incoming, ApiError(500, "Internal error in trioprovider (see its log).", code="internal_error"))
+
+    async def _serve(self, route: ModelRoute, incoming: Incoming, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        provider = self.provider
+        provider.check_host_and_origin(incoming)
+        if incoming.method != "POST":
+            await self._answer_other_method(send, incoming)
+            return
+        principal = provider.authenticate(incoming)
+        body = parse_json(await self._read_body(incoming, receive))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
+            # Errors are answered in here: out of the nursery they would come wrapped in a group.
+            try:
+                reply = await route(provider, incoming, principal, body)
+            except ApiError as error:
+                await self._send_error(send, incoming, error)
+            else:
+                if isinstance(reply, StreamReply):
+                    await self._stream(send, incoming, reply)
+                else:
+                    await self._send_whole(send, incoming, 200, reply.headers, _json_bytes(reply.body))
+            nursery.cancel_scope.cancel()
+
+    async def _read_body(self, incoming: Incoming, receive: ASGIReceiveCallable) -> bytes:
+        """The whole body: 413 past ``provider.max_body_bytes`` (by its Content-Length before
+        reading a byte), 408 if it takes longer than ``provider.body_timeout``."""
+        settings = self.provider.settings.provider
+        limit = settings.max_body_bytes
+        too_large = ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        declared = incoming.header("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        with trio.move_on_after(settings.body_timeout or math.inf) as waited:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    raise ClientLeft
+                chunk = cast(bytes, message.get("body", b""))
+                size += len(chunk)
+                if size > limit:
+                    raise too_large
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    break
+        if waited.cancelled_caught:
+            raise ApiError(408, "The request body did not arrive in time (provider.body_timeout).", code="request_timeout")
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _stream(self, send: ASGISendCallable, incoming: Incoming, reply: StreamReply) -> None:
+        headers = {"Content-Type": reply.content_type, **self._common_headers(incoming, reply.headers)}
+        await send({"type": "http.response.start", "status": 200, "headers": _header_list(headers)})
+        encoder = reply.encoder
+        async with reply.scope as scope:
+            while True:
+                try:
+                    # All the events that are ready: one write for several chunks under load.
+                    batch = await scope.receive_batch()
+                except StopAsyncIteration:
+                    break
+                data = encoder.encode(batch)
+                if data:
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _answer_other_method(self, send: ASGISendCallable, incoming: Incoming) -> None:
+        """A CORS preflight (Host and Origin already allowed), OPTIONS, or 405."""
+        origin = incoming.header("origin")
+        if incoming.method == "OPTIONS" and origin and "access-control-request-method" in incoming.headers:
+            headers = preflight_headers(origin, incoming.header("access-control-request-headers"))
+            await self._send_whole(send, incoming, 204, headers, b"")
+        elif incoming.method == "OPTIONS":
+            await self._send_whole(send, incoming, 200, {"Allow": ALLOWED_METHODS}, b"")
+        else:
+            error = ApiError(405, f"Method {incoming.method} is not allowed on {incoming.path}.", code="method_not_allowed")
+            await self._send_error(send, incoming, error.with_headers({"Allow": ALLOWED_METHODS}))
+
+    async def _send_error(self, send: ASGISendCallable, incoming: Incoming, error: ApiError) -> None:
+        status, headers, body = error.answer(incoming.path)
+        await self._send_whole(send, incoming, status, headers, body)
+
+    async def _send_whole(self, send: ASGISendCallable, incoming: Incoming, status: int, headers: dict[str, str], body: bytes) -> None:
+        headers = {"Content-Type": "application/json", **self._common_headers(incoming, headers)}
+        headers["Content-Length"] = str(len(body))
+        await send({"type": "http.response.start", "status": status, "headers": _header_list(headers)})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    def _common_headers(self, incoming: Incoming, headers: dict[str, str]) -> dict[str, str]:
+        """``headers`` with what every answer carries: its request id, and CORS for browsers."""
+        return {**headers, "X-Request-Id": headers.get("X-Request-Id", incoming.request_id), **self.provider.cors_headers(incoming)}
+
+
+def _json_bytes(body: dict[str, Any]) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+async def _cancel_on_disconnect(receive: ASGIReceiveCallable, request: trio.CancelScope) -> None:
+    """Stop the request when its client leaves (every message after the body is the disconnect)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    request.cancel()
