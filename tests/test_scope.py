@@ -36,12 +36,13 @@ def gate() -> Gate:
 
 async def run_scope(scope: RequestScope) -> list[Event]:
     events: list[Event] = []
-    async with scope:
-        while True:
-            try:
-                events += await scope.receive_batch()
-            except StopAsyncIteration:
-                return events
+
+    async def write(batch: list[Event]) -> None:
+        assert batch  # never an empty write
+        events.extend(batch)
+
+    await scope.stream(write)
+    return events
 
 
 def invoke(request_id: str = "r") -> ModelInvoke:
@@ -207,13 +208,23 @@ async def test_a_client_that_never_reads_is_let_go_after_a_deadline_or_revoke(au
         admission = g.admit(Principal("k", "c"), None, 10, trio.current_time())
         deadlines = Deadlines(total=2) if ending == "deadline" else Deadlines()
         scope = RequestScope(hub, invoke(), prompt_tokens=1, admission=admission, deadlines=deadlines)
-        async with scope:
-            if ending == "revoke":
-                await trio.sleep(2)
-                g.sessions.revoke(admission.session.id)
-            # Nobody reads: the buffer fills, then the stop's own terminal record cannot go out.
-            await trio.sleep(2 + CLIENT_STALL_TIMEOUT + 1)
-            assert admission.released and scope.outcome == "client_too_slow"
-            assert g.limiter.open_reservations == 0 and g.sessions.active_requests == 0
-            await agent.cancel_arrived.wait()
+
+
+        connection_dropped = trio.Event()
+
+        async def never_written(batch: list[Event]) -> None:
+            with trio.CancelScope(shield=True):  # as Hypercorn's socket writes: until the connection drops
+                await connection_dropped.wait()
+
+        nursery.start_soon(scope.stream, never_written)
+        if ending == "revoke":
+            await trio.sleep(2)
+            g.sessions.revoke(admission.session.id)
+        # Nobody reads: the first write never ends, and the stop's own terminal record
+        # could not go out either.
+        await trio.sleep(CLIENT_STALL_TIMEOUT * 1.25 + 1)
+        assert admission.released and scope.outcome == "client_too_slow"
+        assert g.limiter.open_reservations == 0 and g.sessions.active_requests == 0
+        await agent.cancel_arrived.wait()
+        connection_dropped.set()
         nursery.cancel_scope.cancel()

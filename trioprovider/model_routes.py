@@ -13,8 +13,9 @@ One request::
     ModelRoutes.__call__           Host/Origin (403), method (405), key (401), body (413, 408, 400)
     └── nursery
         ├── disconnect watcher     http.disconnect -> cancel the request (agent gets model_cancel)
-        └── (this task)            the route, then the answer: one body, or the scope's events
-                                   encoded as they come, several ready ones to a write
+        └── (this task)            the route, then the answer: one body, or the agent's replies
+                                   encoded and written as they come (RequestScope.stream), all
+                                   that arrived during the previous write in the next one
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallabl
 
 from trioprovider.auth import Principal
 from trioprovider.errors import ApiError
+from trioprovider.events import Event
 from trioprovider.incoming import Incoming
 from trioprovider.origins import preflight_headers
 from trioprovider.provider import Provider, current_exchange, current_incoming
@@ -143,16 +145,13 @@ class ModelRoutes:
         headers = {"Content-Type": reply.content_type, **self._common_headers(incoming, reply.headers)}
         await send({"type": "http.response.start", "status": 200, "headers": _header_list(headers)})
         encoder = reply.encoder
-        async with reply.scope as scope:
-            while True:
-                try:
-                    # All the events that are ready: one write for several chunks under load.
-                    batch = await scope.receive_batch()
-                except StopAsyncIteration:
-                    break
-                data = encoder.encode(batch)
-                if data:
-                    await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        async def write(events: list[Event]) -> None:
+            data = encoder.encode(events)
+            if data:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
+        await reply.scope.stream(write)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _answer_other_method(self, send: ASGISendCallable, incoming: Incoming) -> None:

@@ -1,33 +1,31 @@
-"""RequestScope: the nursery that owns one model request, and the response body that holds it.
+"""RequestScope: one model request, from admission to its last byte, run in the request's task.
 
-One scope per model request, streaming or not::
+Streamed or not, the agent stream runs in the task that answers the HTTP request: start the
+call, translate replies into events, enforce the deadlines, hand the events on, and on any way
+out send model_cancel (shielded, bounded). A streamed answer adds one task::
 
-    RequestScope nursery
-    ├── agent stream   start the call, translate replies into events, enforce the deadlines,
-    │                  and on any way out send model_cancel (shielded, bounded)
-    └── heartbeat      a Heartbeat event while the agent is silent (streaming wire formats only)
+    RequestScope.stream nursery
+    ├── (request task)   agent stream: all the replies that have arrived, translated, to one
+    │                    write; a Heartbeat while the agent is silent (streaming formats only)
+    └── client watch     a write that does not finish within CLIENT_STALL_TIMEOUT means the
+                         client stopped reading: release what the request holds, model_cancel
 
 Neither the rate meter nor the session watchdog is a task: the agent stream charges the meter
 per delta and the scope settles it when it closes (``settle`` refunds the unused reservation),
 and the session calls the scope's :meth:`~RequestScope.cancel` when it expires or is revoked
 (a watcher registered for as long as the agent stream runs). Neither needs scheduling.
 
-An answer that is not streamed needs no nursery: :meth:`RequestScope.run_to_end` runs the agent
-stream in the request's own task and gathers its events in a list.
-
-For a streamed answer the route returns before the answer streams: the HTTP layer
-(:mod:`trioprovider.model_routes`) enters the scope around sending the body, in the request
-task. Nothing yields from inside a nursery: events cross to the body through a bounded
-memory channel.
+There is no task between the agent's replies and the client's socket: the replies wait in the
+call's channel while the previous write goes out, and the next write takes all of them
+(chunks that are ready together share a write; a lone chunk is written at once).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from contextlib import AbstractAsyncContextManager
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from types import TracebackType
 from typing import Protocol
 
 import trio
@@ -40,21 +38,14 @@ from trioprovider.admission import Admission
 
 log = logging.getLogger(__name__)
 
-#: Events buffered between the agent stream and the client. Small on purpose: a slow client
-#: slows its agent stream (and, beyond the bridge's stall timeout, is dropped).
-EVENT_BUFFER = 16
-#: How many ready events one write may carry: coalescing saves a send per chunk under load.
-MAX_BATCH = 64
 #: Bound on every cleanup step that runs while cancelled.
 CLEANUP_TIMEOUT = 1.0
-#: Seconds a client may leave the answer unread (socket and event buffers full) before the
-#: request is stopped. Hypercorn's socket writes cannot be timed out from the app, so the
-#: request is stopped from this side: the agent gets model_cancel, the admission is released.
+#: Seconds one write to the client may take (the client left the answer unread, its socket
+#: buffers full) before the request is stopped. Hypercorn's socket writes cannot be timed out
+#: from the app, so the request is stopped from this side: the agent gets model_cancel, the
+#: admission is released.
 CLIENT_STALL_TIMEOUT = 30.0
 
-
-class ClientStalled(Exception):
-    """The client stopped reading the answer."""
 
 _FAILURE_BY_REASON = {
     "session_revoked": ApiError(409, "The session was revoked; the request was stopped.", code="session_revoked"),
@@ -73,32 +64,36 @@ class Deadlines:
 
 
 class EventSink(Protocol):
-    """Where the agent stream puts events: the channel to the response body, or a list."""
+    """Where the agent stream puts events: the client's connection, or a list."""
 
-    def send_nowait(self, event: Event) -> None:
-        ...
-
-    async def send(self, event: Event) -> None:
-        ...
-
-    def close(self) -> None:
+    async def put(self, events: list[Event]) -> None:
         ...
 
 
 class _Gathered:
-    """The events of a request run to its end in the caller's task (see ``run_to_end``)."""
+    """The events of a request run to its end (see ``run_to_end``)."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
 
-    def send_nowait(self, event: Event) -> None:
-        self.events.append(event)
+    async def put(self, events: list[Event]) -> None:
+        self.events += events
 
-    async def send(self, event: Event) -> None:
-        self.events.append(event)
 
-    def close(self) -> None:
-        pass
+class _Writer:
+    """The events of a streamed request, written to the client as they come (see ``stream``)."""
+
+    def __init__(self, write: Callable[[list[Event]], Awaitable[None]]) -> None:
+        self._write = write
+        #: When the write in progress began (trio time), None between writes.
+        self.writing_since: float | None = None
+
+    async def put(self, events: list[Event]) -> None:
+        self.writing_since = trio.current_time()
+        try:
+            await self._write(events)
+        finally:
+            self.writing_since = None
 
 
 class ScopeObserver(Protocol):
@@ -112,11 +107,11 @@ class ScopeObserver(Protocol):
 
 
 class RequestScope:
-    """Owns one model request from admission to its last byte; an async context manager.
+    """Owns one model request from admission to its last byte.
 
-    ``async with scope:`` starts the tasks; :meth:`receive_batch` hands out events until the
-    request ends; leaving the block cancels whatever still runs and releases the session and
-    the rate reservation, whichever way the request ended.
+    :meth:`stream` (events written as they come) or :meth:`run_to_end` (events gathered) runs
+    it once; either way the session and the rate reservation are released when it ends,
+    whichever way it ended.
     """
 
     def __init__(
@@ -138,13 +133,8 @@ class RequestScope:
         self.heartbeat_interval = heartbeat_interval
         self._observer = observer
         self.translator = ReplyTranslator(prompt_tokens)
-        #: Events on their way to the response body; opened by ``__aenter__`` (a request run
-        #: to its end in one task needs none).
-        self._receive: trio.MemoryReceiveChannel[Event] | None = None
-        self._nursery_manager: AbstractAsyncContextManager[trio.Nursery] | None = None
-        self._nursery: trio.Nursery | None = None
         self._agent_scope = trio.CancelScope()
-        self._guard_scope = trio.CancelScope()
+        self._call: Call | None = None
         #: Why the request is being stopped, once something decides to stop it.
         self.cancel_reason: str | None = None
         self.started_at = 0.0
@@ -176,9 +166,8 @@ class RequestScope:
     async def run_to_end(self) -> list[Event]:
         """Run the request to its end in the calling task and return all its events.
 
-        For an answer that is not streamed (no heartbeats): nothing reaches the client before
-        the end, so the agent stream needs no task of its own and no channel. The same
-        deadlines, session watch, model_cancel on the way out and release as ``async with``.
+        For an answer that is not streamed: nothing reaches the client before the end, so
+        there is nothing to watch and nothing to write meanwhile.
         """
         gathered = _Gathered()
         self._open()
@@ -188,30 +177,19 @@ class RequestScope:
             self.release()
         return gathered.events
 
-    async def __aenter__(self) -> RequestScope:
-        manager = trio.open_nursery()
-        nursery = await manager.__aenter__()
-        # No checkpoint from here to the return: the nursery is either fully set up or never
-        # entered, so __aexit__ (which closes it) always matches.
-        self._nursery_manager, self._nursery = manager, nursery
+    async def stream(self, write: Callable[[list[Event]], Awaitable[None]]) -> None:
+        """Run the request in the calling task, passing its events to ``write`` as they come:
+        every event that is ready at once goes in one call. Ends after the terminal event
+        (Finished or Failed) was written, or when the request is cancelled."""
+        writer = _Writer(write)
         self._open()
-        send, self._receive = trio.open_memory_channel[Event](EVENT_BUFFER)
-        nursery.start_soon(self._agent_stream, send.clone())
-        if self.heartbeat_interval:
-            nursery.start_soon(self._heartbeat, send.clone(), self.heartbeat_interval)
-        send.close()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> bool | None:
-        assert self._nursery is not None and self._nursery_manager is not None
-        self._nursery.cancel_scope.cancel()
         try:
-            return await self._nursery_manager.__aexit__(exc_type, exc, tb)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_client, writer)
+                try:
+                    await self._agent_stream(writer)
+                finally:
+                    nursery.cancel_scope.cancel()
         finally:
             self.release()
 
@@ -220,8 +198,6 @@ class RequestScope:
         if self._closed:
             return
         self._closed = True
-        if self._receive is not None:
-            self._receive.close()
         now = trio.current_time()
         if self.finished_at is None:
             self.finished_at = now
@@ -238,121 +214,117 @@ class RequestScope:
             self.stopping_at = trio.current_time()
         self._agent_scope.cancel()
 
-    # -- what the response reads -------------------------------------------------------------
-
-    async def receive_batch(self) -> list[Event]:
-        """The next events (at least one, all that are ready); ``StopAsyncIteration`` at the end."""
-        assert self._receive is not None, "receive_batch needs `async with scope`"
-        try:
-            batch = [await self._receive.receive()]
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            raise StopAsyncIteration from None
-        while len(batch) < MAX_BATCH:
-            try:
-                batch.append(self._receive.receive_nowait())
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-        return batch
-
-    # -- tasks -------------------------------------------------------------------------------
+    # -- the agent stream -------------------------------------------------------------------
 
     async def _agent_stream(self, events: EventSink) -> None:
-        call: Call | None = None
         session = self.admission.session if self.admission is not None else None
         if session is not None:
             # Before the first checkpoint: a session that ends from here on stops the request.
             session.watch(self.cancel)
         try:
+            failure: ApiError | None = None
             try:
-                failure: ApiError | None = None
-                try:
-                    with self._agent_scope:
-                        try:
-                            call = await self.bridge.start_call(self.invoke)
-                        except NoAgent as error:
-                            failure = ApiError(503, str(error), code="no_agent")
-                        except Overloaded as error:
-                            failure = ApiError(503, str(error), code="overloaded")
-                        else:
-                            await self._relay(call, events)
-                    if self._agent_scope.cancelled_caught:
-                        failure = self._stopped_failure()
-                except ClientStalled:
-                    self._client_stalled()
-                    return
-                except Exception:
-                    # Headers may be out already: an error here must become a terminal record,
-                    # not an exception that truncates the client's chunked response.
-                    log.exception("request %s: internal error", self.invoke.id)
-                    failure = ApiError(500, "Internal error in trioprovider (see its log).", code="internal_error")
-                if failure is not None:
-                    self.outcome = self.cancel_reason or "failed"
-                    self.error_code = failure.code
+                with self._agent_scope:
                     try:
-                        # Bounded like every event: a client that stopped reading must not keep
-                        # the request's slot, session and budget for as long as it stays connected.
-                        await self._deliver(events, Failed(failure))
-                    except ClientStalled:
-                        self._client_stalled()
-            finally:
-                events.close()
+                        self._call = await self.bridge.start_call(self.invoke)
+                    except NoAgent as error:
+                        failure = ApiError(503, str(error), code="no_agent")
+                    except Overloaded as error:
+                        failure = ApiError(503, str(error), code="overloaded")
+                    else:
+                        await self._relay(self._call, events)
+                if self._agent_scope.cancelled_caught:
+                    failure = self._stopped_failure()
+            except Exception:
+                # Headers may be out already: an error here must become a terminal record,
+                # not an exception that truncates the client's chunked response.
+                log.exception("request %s: internal error", self.invoke.id)
+                failure = ApiError(500, "Internal error in trioprovider (see its log).", code="internal_error")
+            if failure is not None and self.outcome != "client_too_slow":
+                self.outcome = self.cancel_reason or "failed"
+                self.error_code = failure.code
+                await events.put([Failed(failure)])
         finally:
-            if call is not None and not call.finished:
-                if self.stopping_at is None:
-                    self.stopping_at = trio.current_time()
-                with trio.move_on_after(CLEANUP_TIMEOUT, shield=True) as sending:
-                    await call.cancel(self.cancel_reason or "client_disconnected")
-                if not sending.cancelled_caught:
-                    self.cancel_sent_at = trio.current_time()
+            await self._cancel_call(self.cancel_reason or "client_disconnected")
             self.finished_at = trio.current_time()
-            # The answer is complete: the session and the heartbeat have nothing left to guard.
-            # (Not the nursery's own scope: the request task reading the events runs inside it
-            # until __aexit__, and cancelling it would cut off the events still buffered.)
             if session is not None:
                 session.unwatch(self.cancel)
-            self._guard_scope.cancel()
 
     async def _relay(self, call: Call, events: EventSink) -> None:
-        async for reply in call:
+        interval = self.heartbeat_interval
+        while True:
+            if interval is None:
+                replies = await call.receive_batch()
+            else:
+                replies = []
+                with trio.move_on_at(self._last_event_at + interval):
+                    replies = await call.receive_batch()
+                if not replies and not call.finished:
+                    # The agent was silent for a heartbeat interval (a cancelled wait for the
+                    # next replies loses none: they stay in the call's channel).
+                    self._last_event_at = trio.current_time()
+                    await events.put([Heartbeat()])
+                    continue
+            if not replies:
+                return
+            now = trio.current_time()
             if self.first_event_at is None:
-                self.first_event_at = trio.current_time()
+                self.first_event_at = now
                 self._agent_scope.deadline = self.started_at + self.deadlines.total
-            for event in self.translator.feed(reply):
-                if isinstance(event, DeltaEvent) and self.reservation is not None:
-                    # Prompt and output so far: what is charged if the request ends early.
-                    self.reservation.used = self.translator.prompt_tokens + self.translator.completion_tokens
-                elif isinstance(event, Finished):
-                    self.outcome = "completed"
-                    self.usage = event.usage
-                    if self.reservation is not None:
-                        self.reservation.used = event.usage.total_tokens
-                elif isinstance(event, Failed):
-                    self.outcome = "failed"
-                    self.error_code = event.error.code
-                self._last_event_at = trio.current_time()
-                await self._deliver(events, event)
+            batch: list[Event] = []
+            for reply in replies:
+                for event in self.translator.feed(reply):
+                    if isinstance(event, DeltaEvent) and self.reservation is not None:
+                        # Prompt and output so far: what is charged if the request ends early.
+                        self.reservation.used = self.translator.prompt_tokens + self.translator.completion_tokens
+                    elif isinstance(event, Finished):
+                        self.outcome = "completed"
+                        self.usage = event.usage
+                        if self.reservation is not None:
+                            self.reservation.used = event.usage.total_tokens
+                    elif isinstance(event, Failed):
+                        self.outcome = "failed"
+                        self.error_code = event.error.code
+                    batch.append(event)
+            self._last_event_at = now
+            if batch:
+                await events.put(batch)
 
-    @staticmethod
-    async def _deliver(events: EventSink, event: Event) -> None:
-        """Pass ``event`` on to the client's side; :class:`ClientStalled` if it stays unread."""
-        try:
-            # Room in the buffer is the usual case: no timeout scope, no extra schedule point
-            # (receiving the agent's reply was one) for each chunk.
-            events.send_nowait(event)
-        except trio.WouldBlock:
-            with trio.move_on_after(CLIENT_STALL_TIMEOUT) as waited:
-                await events.send(event)
-            if waited.cancelled_caught:
-                raise ClientStalled from None
+    async def _cancel_call(self, reason: str) -> None:
+        """model_cancel to the agent if its answer has not ended (once; shielded, bounded)."""
+        call = self._call
+        if call is None or call.finished:
+            return
+        if self.stopping_at is None:
+            self.stopping_at = trio.current_time()
+        with trio.move_on_after(CLEANUP_TIMEOUT, shield=True) as sending:
+            await call.cancel(reason)
+        if not sending.cancelled_caught:
+            self.cancel_sent_at = trio.current_time()
 
-    def _client_stalled(self) -> None:
-        """The client stopped reading: give back what the request holds (its connection is
-        Hypercorn's to drop; the agent gets model_cancel as the stream task ends)."""
+    async def _watch_client(self, writer: _Writer) -> None:
+        """Stop the request if one write to the client takes longer than CLIENT_STALL_TIMEOUT.
+
+        Hypercorn's socket writes cannot be timed out or cancelled from the app, so a client
+        that stopped reading would hold the request task, and with it the request's slot,
+        session and budget, for as long as the connection stays open: the request is let go
+        from here. The agent gets model_cancel now; the request task ends once its write does
+        (Hypercorn's to drop with the connection).
+        """
+        while True:
+            began = writer.writing_since
+            if began is None:
+                await trio.sleep(CLIENT_STALL_TIMEOUT / 4)
+                continue
+            await trio.sleep_until(began + CLIENT_STALL_TIMEOUT)
+            if writer.writing_since == began:
+                break
         self.outcome = "client_too_slow"
-        self.cancel_reason = self.cancel_reason or "client_too_slow"
         log.warning("request %s: client stopped reading; stopped", self.invoke.id)
+        self.cancel("client_too_slow")
         if self.admission is not None:
             self.admission.release(trio.current_time())
+        await self._cancel_call("client_too_slow")
 
     def _stopped_failure(self) -> ApiError:
         reason = self.cancel_reason
@@ -361,15 +333,6 @@ class RequestScope:
             which = "first token" if self.first_event_at is None else "whole answer"
             return ApiError(504, f"The agent did not answer in time ({which} deadline).", code="timeout")
         return _FAILURE_BY_REASON.get(reason) or ApiError(503, f"Request stopped: {reason}.", code=reason)
-
-    async def _heartbeat(self, events: trio.MemorySendChannel[Event], interval: float) -> None:
-        async with events:
-            with self._guard_scope:
-                while True:
-                    await trio.sleep_until(self._last_event_at + interval)
-                    if trio.current_time() - self._last_event_at >= interval:
-                        self._last_event_at = trio.current_time()
-                        await events.send(Heartbeat())
 
 
 class WireEncoder(Protocol):

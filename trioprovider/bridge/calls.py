@@ -66,16 +66,38 @@ class Call:
         try:
             reply = await self._replies.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
-            reply = ModelError(
-                id=self.request_id,
-                code="agent_disconnected",
-                message="the agent disconnected before finishing the answer",
-                retryable=True,
-            )
+            reply = self._agent_left()
+        return self._taken(reply)
+
+    async def receive_batch(self) -> list[Reply]:
+        """The next replies: at least one, and every one that has arrived by then (several
+        chunks can then share one write to the client); empty once the answer has ended."""
+        if self.finished:
+            return []
+        batch = [await self.__anext__()]
+        while not self.finished:
+            try:
+                reply = self._replies.receive_nowait()
+            except trio.WouldBlock:
+                break
+            except (trio.EndOfChannel, trio.ClosedResourceError):
+                reply = self._agent_left()
+            batch.append(self._taken(reply))
+        return batch
+
+    def _taken(self, reply: Reply) -> Reply:
         if isinstance(reply, (ModelResult, ModelError)):
             self.finished = True
             self._replies.close()
         return reply
+
+    def _agent_left(self) -> ModelError:
+        return ModelError(
+            id=self.request_id,
+            code="agent_disconnected",
+            message="the agent disconnected before finishing the answer",
+            retryable=True,
+        )
 
     async def cancel(self, reason: str) -> None:
         """Tell the agent to stop (once; a no-op after the answer ended)."""
