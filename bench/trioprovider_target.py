@@ -1,6 +1,7 @@
 """trioprovider as a benchmark target: the real server, configured as a user would run it.
 
-Defaults everywhere (logging at INFO with the access log on, the embedded bridge, heartbeats,
+Defaults everywhere (logging at INFO with the access log on, to standard error and to
+``logs/provider.log`` as ``serve`` sets it up; the audit log; the embedded bridge, heartbeats,
 sessions) except the limits that exist to refuse a single client's flood: rate limits off,
 sessions that outlive the run, and the server's, the agent's concurrency and the queue sized for
 the largest scenario.
@@ -17,8 +18,6 @@ Run: ``python -m bench.trioprovider_target --agent echo|openai [--delay-ms N] [-
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import time
 from collections.abc import Iterator
 from functools import partial
@@ -28,6 +27,7 @@ import trio
 
 from bench import canned
 from bench.control import announce, answer_stats, rss_bytes
+from trioprovider import logs
 from trioprovider.agents.echo import EchoAgent
 from trioprovider.agents.runner import serve_agent
 from trioprovider.bridge.streams import local_stream_pair
@@ -69,8 +69,9 @@ async def main(args: argparse.Namespace) -> None:
     }
     overrides.update(upstream_overrides(args.upstream) if args.agent == "openai" else {})
     settings = load_settings(None, env={}, overrides=overrides)
-    # As the command line sets it up: INFO to standard error (which the driver sends to a file).
-    logging.basicConfig(level=settings.logging.level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", stream=sys.stderr)
+    # As the command line sets it up: INFO to standard error (which the driver sends to a file)
+    # and to the rotating log file.
+    logs.configure(settings.logging, logs.log_file(settings.logging, "provider"))
 
     echo = EchoAgent(tokens=canned.TOKENS, delay=args.delay_ms / 1000, max_concurrency=CAPACITY) if args.agent == "echo" else None
     async with trio.open_nursery() as nursery:

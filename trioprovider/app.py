@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Quart, Response, request
+from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 

@@ -7,12 +7,27 @@ import re
 from typing import cast
 
 import trio
-from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGIReceiveEvent, ASGISendCallable, ASGISendEvent, HTTPScope, Scope
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    ASGISendEvent,
+    HTTPScope,
+    Scope,
+)
 
 from trioprovider.admission import Admission
 from trioprovider.incoming import Incoming
 from trioprovider.logs import access_fields, access_message, current_request_id
-from trioprovider.provider import Exchange, Provider, _admissions, _exchange, _incoming, new_request_id
+from trioprovider.provider import (
+    Exchange,
+    Provider,
+    new_request_id,
+    request_admissions,
+    request_exchange,
+    request_incoming,
+)
 
 #: Bound on finishing an HTTP exchange once its last byte is ready.
 CLOSE_TIMEOUT = 5.0
@@ -78,17 +93,17 @@ class RequestGuard:
                 await send(message)
 
         held: list[Admission] = []
-        admissions_token = _admissions.set(held)
-        exchange_token = _exchange.set(exchange)
-        incoming_token = _incoming.set(incoming)
+        admissions_token = request_admissions.set(held)
+        exchange_token = request_exchange.set(exchange)
+        incoming_token = request_incoming.set(incoming)
         id_token = current_request_id.set(request_id)
         try:
             await self.app(scope, receive_noting_disconnect, send_last_shielded)
         finally:
             current_request_id.reset(id_token)
-            _incoming.reset(incoming_token)
-            _admissions.reset(admissions_token)
-            _exchange.reset(exchange_token)
+            request_incoming.reset(incoming_token)
+            request_admissions.reset(admissions_token)
+            request_exchange.reset(exchange_token)
             now = trio.current_time()
             for admission in held:
                 admission.release(now)

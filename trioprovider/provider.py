@@ -43,7 +43,7 @@ EXPOSED_HEADERS = ", ".join(
 )
 
 #: Admissions taken while handling the current HTTP request (see :class:`RequestGuard`).
-_admissions: ContextVar[list[Admission] | None] = ContextVar("trioprovider_admissions", default=None)
+request_admissions: ContextVar[list[Admission] | None] = ContextVar("trioprovider_admissions", default=None)
 
 
 @dataclass
@@ -57,19 +57,19 @@ class Exchange:
     disconnected_at: float | None = None
 
 
-_exchange: ContextVar[Exchange | None] = ContextVar("trioprovider_exchange", default=None)
+request_exchange: ContextVar[Exchange | None] = ContextVar("trioprovider_exchange", default=None)
 
 
 def current_exchange() -> Exchange | None:
-    return _exchange.get()
+    return request_exchange.get()
 
 
 #: The HTTP request being handled (set around each request by :class:`~trioprovider.guard.RequestGuard`).
-_incoming: ContextVar[Incoming] = ContextVar("trioprovider_incoming")
+request_incoming: ContextVar[Incoming] = ContextVar("trioprovider_incoming")
 
 
 def current_incoming() -> Incoming:
-    return _incoming.get()
+    return request_incoming.get()
 
 
 def new_request_id() -> str:
@@ -118,7 +118,7 @@ class Provider:
 
     def scope_closed(self, scope: RequestScope) -> None:
         self.scopes.discard(scope)
-        exchange = _exchange.get()
+        exchange = request_exchange.get()
         self.metrics.model_request_ended(
             scope,
             route=exchange.route if exchange else None,
@@ -286,7 +286,7 @@ class Provider:
                 )
             raise
         admission.on_release = lambda: self.capacity.release_on_behalf_of(slot)
-        held = _admissions.get()
+        held = request_admissions.get()
         if held is not None:
             held.append(admission)
         return admission

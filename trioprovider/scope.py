@@ -30,11 +30,18 @@ from typing import Protocol
 
 import trio
 
+from trioprovider.admission import Admission
 from trioprovider.bridge.calls import Bridge, Call, NoAgent, Overloaded
 from trioprovider.errors import ApiError
-from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat, ReplyTranslator
+from trioprovider.events import (
+    DeltaEvent,
+    Event,
+    Failed,
+    Finished,
+    Heartbeat,
+    ReplyTranslator,
+)
 from trioprovider.protocol import ModelInvoke, Usage
-from trioprovider.admission import Admission
 
 log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import trio
 from quart import Blueprint, Response, jsonify
 
 from trioprovider.app import current_provider
-from trioprovider.provider import Provider, current_incoming
 from trioprovider.auth import presented_prefix
 from trioprovider.errors import ApiError, unauthorized
+from trioprovider.provider import Provider, current_incoming
 from trioprovider.sessions import Session
 
 blueprint = Blueprint("admin", __name__)

@@ -12,8 +12,8 @@ import re
 from quart import Blueprint, Response, jsonify, request
 
 from trioprovider.app import current_provider
-from trioprovider.provider import current_incoming
 from trioprovider.errors import ApiError, invalid_request
+from trioprovider.provider import current_incoming
 
 blueprint = Blueprint("metrics", __name__)
 

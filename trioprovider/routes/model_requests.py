@@ -25,7 +25,6 @@ from trioprovider.validation import SizeLimits, check_sizes
 from trioprovider.wire.answer import Answer
 from trioprovider.wire.openai import Defaults
 
-
 #: Prompts are logged here only when ``logging.log_prompts`` is true (never by default).
 prompt_log = logging.getLogger("trioprovider.prompts")
 
