@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from trioprovider.agents import upstream_wire
 from trioprovider.agents.runner import AgentFailure
 from trioprovider.agents.upstream_wire import (
     SseDecoder,
@@ -293,3 +294,50 @@ def test_a_whole_answer_from_an_upstream_that_does_not_stream() -> None:
     assert usage == Usage(prompt_tokens=9, completion_tokens=3, total_tokens=12)
     with pytest.raises(AgentFailure, match="an answer without choices"):
         whole_answer(b'{"choices": []}', ROOT)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_CHOICE_VALUES = st.fixed_dictionaries(
+    {},
+    optional={
+        "index": st.sampled_from([0, 1, "0", True, None, 0.0]),
+        "delta": st.sampled_from([None, {}, {"content": "a"}, {"reasoning": "r"}, {"tool_calls": [{"index": 0}]}, "text", []]),
+        "text": st.sampled_from([None, "t", 5, ""]),
+        "message": st.sampled_from([None, {"role": "assistant"}, "m"]),
+        "finish_reason": st.sampled_from([None, "stop", 1]),
+        "logprobs": _JSON_VALUES,
+    },
+)
+_RECORDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "id": st.text(max_size=5),
+        "choices": st.none() | st.lists(_CHOICE_VALUES | _JSON_VALUES, max_size=3) | _JSON_VALUES,
+        "usage": st.sampled_from([None, USAGE, {"prompt_tokens": -1}, "u"]),
+        "error": st.sampled_from([None, {"message": "m", "code": "c"}, "e"]),
+    },
+)
+
+
+def _outcome(stream: UpstreamStream, data: str) -> object:
+    try:
+        return (stream.feed(SseEvent("message", data)), stream.usage, stream.finish_reason, stream.answer.content)
+    except AgentFailure as failure:
+        return (failure.code, failure.message)
+
+
+@given(st.lists(_RECORDS | _JSON_VALUES, min_size=1, max_size=4))
+def test_the_plain_chunk_reader_agrees_with_pydantic(records: list[object]) -> None:
+    """Chunks of the usual shape skip pydantic; every record, usual or not, must come out
+    exactly as pydantic's reading of it would have."""
+    fast, slow = UpstreamStream("chat", ROOT), UpstreamStream("chat", ROOT)
+    for record in records:
+        data = json.dumps(record)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(upstream_wire, "_plain_chunk", lambda data: None)
+            slow_outcome = _outcome(slow, data)
+        assert _outcome(fast, data) == slow_outcome, data

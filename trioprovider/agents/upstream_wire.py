@@ -238,7 +238,52 @@ class _Record(BaseModel):
     error: Any = None
 
 
-def _delta(choice: _Choice) -> Delta:
+@dataclass(frozen=True, slots=True)
+class _ChoiceFields:
+    """What a chunk's first choice says (the fields of :class:`_Choice`, without pydantic)."""
+
+    delta: dict[str, Any] | None
+    text: str | None
+    finish_reason: str | None
+
+
+def _plain_chunk(data: str) -> tuple[_ChoiceFields | None] | None:
+    """The usual upstream chunk, read with ``json.loads`` and type checks alone: its first
+    choice (in a tuple). None when anything is unusual (then pydantic reads it, and words the
+    error): a hundred chunks an answer made pydantic the upstream agent's largest cost."""
+    try:
+        record = json.loads(data)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or record.get("usage") is not None or record.get("error") is not None:
+        return None
+    choices = record.get("choices")
+    if choices is None:
+        return (None,)
+    if not isinstance(choices, list):
+        return None
+    first = None
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return None
+        index = choice.get("index", 0)
+        delta = choice.get("delta")
+        text = choice.get("text")
+        finish_reason = choice.get("finish_reason")
+        if (
+            type(index) is not int
+            or not (delta is None or isinstance(delta, dict))
+            or not (text is None or isinstance(text, str))
+            or not (finish_reason is None or isinstance(finish_reason, str))
+            or not (choice.get("message") is None or isinstance(choice.get("message"), dict))
+        ):
+            return None
+        if index == 0 and first is None:
+            first = _ChoiceFields(delta, text, finish_reason)
+    return (first,)
+
+
+def _delta(choice: _Choice | _ChoiceFields) -> Delta:
     """Our delta for an upstream chunk's first choice (chat ``delta``, or completion ``text``)."""
     if choice.delta is None:
         return Delta(content=choice.text or None)
@@ -278,17 +323,22 @@ class UpstreamStream:
         if event.data.strip() == "[DONE]":
             self.done = True
             return []
-        try:
-            record = _Record.model_validate_json(event.data)
-        except pydantic.ValidationError:
-            if event.event == "error":
-                raise AgentFailure("upstream_error", f"upstream {self.root} failed mid-answer: {_quote(event.data)}", retryable=True) from None
-            raise bad_response(self.root, f"not an OpenAI chunk: {_quote(event.data)}") from None
-        if record.error is not None:
-            raise _stream_error(record.error, self.root)
-        if record.usage is not None:
-            self.usage = record.usage
-        choice = _first_choice(record.choices)
+        plain = _plain_chunk(event.data) if event.event == "message" else None
+        choice: _Choice | _ChoiceFields | None
+        if plain is not None:
+            choice = plain[0]
+        else:
+            try:
+                record = _Record.model_validate_json(event.data)
+            except pydantic.ValidationError:
+                if event.event == "error":
+                    raise AgentFailure("upstream_error", f"upstream {self.root} failed mid-answer: {_quote(event.data)}", retryable=True) from None
+                raise bad_response(self.root, f"not an OpenAI chunk: {_quote(event.data)}") from None
+            if record.error is not None:
+                raise _stream_error(record.error, self.root)
+            if record.usage is not None:
+                self.usage = record.usage
+            choice = _first_choice(record.choices)
         if choice is None:
             return []
         delta = _delta(choice)
