@@ -9,10 +9,12 @@
         ├── embedded agents                        (each a bridge peer over an in-process stream, after
         │                                           its start-up: openai lists its upstream's models)
         ├── session reaper                         (ends expired and idle sessions)
-        ├── HTTP: hypercorn.trio.serve(app)        (http://127.0.0.1:8788)
-        │     └── per connection → per request (quart-trio's nursery, cancelled on disconnect)
-        │           └── RequestScope nursery (streams): agent stream · heartbeat; a request not
-        │               streamed runs its agent stream in its own task (scope.py)
+        ├── HTTP: hypercorn.trio.serve(RequestGuard(ModelRoutes(Quart app)))   (http://127.0.0.1:8788)
+        │     └── per connection → per request
+        │           ├── model routes (model_routes.py): the request task runs the agent stream
+        │           │   and writes the answer itself; a disconnect watcher cancels it; a streamed
+        │           │   answer adds a client watch (a write stalled past CLIENT_STALL_TIMEOUT)
+        │           └── every other route: Quart-Trio (its own nursery, cancelled on disconnect)
         └── signal watcher                         (SIGINT/SIGTERM: drain; a second one: stop now)
 
 When the HTTP server returns (after a graceful drain) the root nursery is cancelled and every

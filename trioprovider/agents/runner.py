@@ -19,6 +19,7 @@ import trio
 import trio_websocket
 
 from trioprovider.bridge.streams import (
+    LocalMessageStream,
     MessageStream,
     PeerClosed,
     WebSocketMessageStream,
@@ -32,6 +33,7 @@ from trioprovider.protocol import (
     Delta,
     HelloAck,
     HelloReject,
+    Message,
     ModelCancel,
     ModelCard,
     ModelError,
@@ -141,14 +143,11 @@ async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
 
     in_flight: dict[str, trio.CancelScope] = {}
     async with trio.open_nursery() as nursery:
-        while True:
-            try:
-                message = await stream.receive()
-            except PeerClosed:
-                break
+
+        async def take(message: Message) -> None:
             if isinstance(message, ModelInvoke):
                 if message.id in in_flight or len(in_flight) >= agent.max_concurrency:
-                    try:
+                    with contextlib.suppress(PeerClosed):  # the reader hears of it too
                         await stream.send(
                             ModelError(
                                 id=message.id,
@@ -157,9 +156,7 @@ async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
                                 retryable=True,
                             )
                         )
-                    except PeerClosed:
-                        break
-                    continue
+                    return
                 scope = trio.CancelScope()
                 in_flight[message.id] = scope
                 nursery.start_soon(_answer, agent, stream, message, scope, in_flight)
@@ -172,7 +169,23 @@ async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
                     scope.cancel()
             else:
                 log.debug("agent: ignoring %s", message.type)
-        nursery.cancel_scope.cancel()
+
+        if isinstance(stream, LocalMessageStream):
+            # In process, the bridge's messages are taken in the sender's task as it sends
+            # them: a request starts its answer at once, not one scheduling pass per message
+            # behind every other request's (at 500 streams the last one waited seconds).
+            stream.inbox = take
+        try:
+            while True:
+                try:
+                    message = await stream.receive()
+                except PeerClosed:
+                    break
+                await take(message)
+        finally:
+            if isinstance(stream, LocalMessageStream):
+                stream.inbox = None
+            nursery.cancel_scope.cancel()
 
 
 async def _answer(
