@@ -276,7 +276,7 @@ def test_invalid_requests_name_the_field(model: Any, body: dict[str, Any], param
 def test_requests_that_cannot_be_served_are_refused_with_400() -> None:
     def chat(body: dict[str, Any], vision: bool = False) -> Any:
         request = parse_request(OllamaChatRequest, body)
-        return ollama_chat_invoke(request, body["messages"], request_id="r", session_id="s", defaults=Defaults(), vision=vision)
+        return ollama_chat_invoke(request, body["messages"], request_id="r", session_id="s", defaults=Defaults(), supports_vision=lambda: vision)
 
     with pytest.raises(ApiError) as caught:
         chat({"model": "m", "messages": []})

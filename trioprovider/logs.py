@@ -89,7 +89,38 @@ class JsonFormatter(logging.Formatter):
 
 class PrivateRotatingFileHandler(logging.handlers.RotatingFileHandler):
     """A RotatingFileHandler whose files are readable by their owner only: with
-    ``logging.log_prompts`` they hold prompts, which are often private code."""
+    ``logging.log_prompts`` they hold prompts, which are often private code.
+
+    It keeps the file's size itself: the standard handler formats every record twice and asks
+    the file system three times (exists, isfile, seek) whether to roll over, which made the
+    access line the most expensive line of a request. Each process writes its own file (see
+    :func:`log_file`), so nobody else changes the size meanwhile.
+    """
+
+    _size: int | None = None
+    _rotates = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record) + self.terminator
+            if self.stream is None:
+                self.stream = self._open()
+            if self._size is None:
+                self._size = self.stream.tell()
+                # Never roll over what is not a regular file (a log file of /dev/null).
+                self._rotates = self.maxBytes > 0 and os.path.isfile(self.baseFilename)
+            if self._rotates and self._size and self._size + len(line) >= self.maxBytes:
+                self.doRollover()
+                if self.stream is None:
+                    self.stream = self._open()
+                self._size = 0
+            self.stream.write(line)
+            self.flush()
+            self._size += len(line)
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(record)
 
     def _open(self) -> io.TextIOWrapper:
         stream = open(

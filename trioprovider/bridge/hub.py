@@ -25,7 +25,6 @@ from trioprovider.bridge.calls import (
     Overloaded,
     Resolution,
     iso_time,
-    resolve,
 )
 from trioprovider.audit import AuditLog
 from trioprovider.bridge.streams import (
@@ -130,7 +129,12 @@ class BridgeHub:
         return [link.info() for link in self._links]
 
     def resolve(self, model: str) -> Resolution:
-        return resolve(model, self.agents(), self.default_model)
+        # What calls.resolve says of self.agents(), without describing every agent each request.
+        if not self._links:
+            return Resolution.NO_AGENTS
+        if model == self.default_model or any(link.serves(model) for link in self._links):
+            return Resolution.SERVED
+        return Resolution.UNKNOWN_MODEL
 
     def in_flight(self) -> int:
         return sum(len(link.calls) for link in self._links)

@@ -100,9 +100,13 @@ def _timing_of(scope: RequestScope) -> Timing:
 async def chat(provider: Provider, incoming: Incoming, principal: Principal, body: Any) -> Reply:
     """``POST /api/chat``."""
     chat_request: OllamaChatRequest = parse_request(OllamaChatRequest, body)
-    vision = provider.supports_vision(chat_request.model)
     invoke = ollama_chat_invoke(
-        chat_request, body.get("messages") or [], request_id=incoming.request_id, session_id="", defaults=defaults(provider), vision=vision
+        chat_request,
+        body.get("messages") or [],
+        request_id=incoming.request_id,
+        session_id="",
+        defaults=defaults(provider),
+        supports_vision=lambda: provider.supports_vision(chat_request.model),
     )
     scope, headers = await open_scope(provider, incoming, principal, invoke, heartbeat=False)
     return await respond(

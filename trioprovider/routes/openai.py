@@ -68,7 +68,7 @@ async def chat_completions(provider: Provider, incoming: Incoming, principal: Pr
     """``POST /v1/chat/completions``."""
     chat: ChatCompletionRequest = parse_request(ChatCompletionRequest, body)
     request_id = incoming.request_id
-    messages = normalize_messages(body["messages"], vision=provider.supports_vision(chat.model))
+    messages = normalize_messages(body["messages"], supports_vision=lambda: provider.supports_vision(chat.model))
     invoke = chat_invoke(chat, messages, request_id=request_id, session_id="", defaults=defaults(provider))
     scope, headers = await open_scope(provider, incoming, principal, invoke, heartbeat=chat.stream)
     completion_id, created = f"chatcmpl-{request_id}", int(time.time())

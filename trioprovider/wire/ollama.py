@@ -165,23 +165,23 @@ def ollama_chat_invoke(
     request_id: str,
     session_id: str,
     defaults: Defaults,
-    vision: bool = False,
+    supports_vision: Callable[[], bool] = lambda: False,
 ) -> ModelInvoke:
     """The ``model_invoke`` for ``/api/chat``. Text reaches the agent exactly as sent.
 
     ``raw_messages`` are the body's messages before validation, so keys this module does not
-    know are forwarded untouched. Images pass only to models whose agent advertises vision.
+    know are forwarded untouched. Images pass only to models whose agent advertises vision
+    (``supports_vision()``, asked only when a message carries images).
     """
     if not request.messages:
         # Ollama treats an empty chat as "load the model"; there is nothing for an agent to do.
         raise invalid_request("messages: at least one message is required", param="messages")
-    if not vision:
-        for index, message in enumerate(request.messages):
-            if message.images:
-                raise invalid_request(
-                    f"messages.{index}.images: images are not supported by this model",
-                    param=f"messages.{index}.images",
-                )
+    for index, message in enumerate(request.messages):
+        if message.images and not supports_vision():
+            raise invalid_request(
+                f"messages.{index}.images: images are not supported by this model",
+                param=f"messages.{index}.images",
+            )
     return ModelInvoke(
         id=request_id,
         session_id=session_id,

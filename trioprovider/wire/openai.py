@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -119,11 +120,12 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
 
-def normalize_messages(raw_messages: list[dict[str, Any]], *, vision: bool) -> list[dict[str, Any]]:
+def normalize_messages(raw_messages: list[dict[str, Any]], *, supports_vision: Callable[[], bool]) -> list[dict[str, Any]]:
     """Messages for the agent: content-part lists become one string of their text parts joined.
 
     Text reaches the agent byte for byte. Image parts are refused (400) unless the model's
-    agent advertises vision, in which case the message is passed on untouched.
+    agent advertises vision (``supports_vision()``, asked only then), in which case the message
+    is passed on untouched.
     """
     out = []
     for index, message in enumerate(raw_messages):
@@ -131,7 +133,7 @@ def normalize_messages(raw_messages: list[dict[str, Any]], *, vision: bool) -> l
         if isinstance(content, list):
             kinds = {part.get("type") for part in content if isinstance(part, dict)}
             if kinds - {"text"}:
-                if not vision or kinds - {"text", "image_url"}:
+                if kinds - {"text", "image_url"} or not supports_vision():
                     unsupported = ", ".join(sorted(str(kind) for kind in kinds - {"text"}))
                     raise invalid_request(
                         f"messages.{index}.content: parts of type {unsupported} are not supported by this model",
