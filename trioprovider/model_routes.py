@@ -31,7 +31,7 @@ from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallabl
 
 from trioprovider.auth import Principal
 from trioprovider.errors import ApiError
-from trioprovider.events import Event, Failed, Finished
+from trioprovider.events import Event
 from trioprovider.incoming import Incoming
 from trioprovider.origins import preflight_headers
 from trioprovider.provider import Provider, current_exchange, current_incoming
@@ -145,20 +145,14 @@ class ModelRoutes:
         headers = {"Content-Type": reply.content_type, **self._common_headers(incoming, reply.headers)}
         await send({"type": "http.response.start", "status": 200, "headers": _header_list(headers)})
         encoder = reply.encoder
-        ended = False
 
         async def write(events: list[Event]) -> None:
-            nonlocal ended
-            # The terminal record's write ends the body too: one write a stream fewer.
-            last = isinstance(events[-1], (Finished, Failed))
             data = encoder.encode(events)
-            if data or last:
-                ended = last
-                await send({"type": "http.response.body", "body": data, "more_body": not last})
+            if data:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
 
         await reply.scope.stream(write)
-        if not ended:
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _answer_other_method(self, send: ASGISendCallable, incoming: Incoming) -> None:
         """A CORS preflight (Host and Origin already allowed), OPTIONS, or 405."""
