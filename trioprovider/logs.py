@@ -63,11 +63,27 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+class OncePerRecord(logging.Formatter):
+    """A formatter that formats each record once, however many handlers share it (console and
+    file by default: the access line, one a request, was formatted twice)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        done = record.__dict__.get("_formatted")
+        if done is not None and done[0] is self:
+            return str(done[1])
+        text = self.format_once(record)
+        record._formatted = (self, text)
+        return text
+
+    def format_once(self, record: logging.LogRecord) -> str:
+        return super().format(record)
+
+
+class JsonFormatter(OncePerRecord):
     """One JSON object per line: time (UTC), level, logger, message, request_id when there is
     one, the record's ``extra`` fields, and the traceback of an exception."""
 
-    def format(self, record: logging.LogRecord) -> str:
+    def format_once(self, record: logging.LogRecord) -> str:
         line: dict[str, Any] = {
             "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname,
@@ -147,7 +163,7 @@ def log_file(settings: LoggingSettings, process: str = "provider") -> str:
 
 
 def make_formatter(settings: LoggingSettings) -> logging.Formatter:
-    return JsonFormatter() if settings.json_format else logging.Formatter(TEXT_FORMAT)
+    return JsonFormatter() if settings.json_format else OncePerRecord(TEXT_FORMAT)
 
 
 def make_handlers(settings: LoggingSettings, file: str, stream: IO[str] | None = None) -> list[logging.Handler]:
