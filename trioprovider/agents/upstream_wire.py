@@ -179,6 +179,17 @@ class SseDecoder:
         line) grows past ``max_chars``."""
         self._pending += data
         events: list[SseEvent] = []
+        if b"\r" not in self._pending:
+            # Lines end at LF alone, as nearly every server sends them: split, no regex.
+            *lines, rest = self._pending.split(b"\n")
+            for raw in lines:
+                event = self._line(raw.decode("utf-8", "replace"))
+                if event is not None:
+                    events.append(event)
+            self._pending = bytearray(rest)
+            if len(self._pending) > self._max_chars:
+                raise ValueError(f"a line longer than {self._max_chars} characters")
+            return events
         start = 0
         for match in _LINE_END.finditer(self._pending):
             # A CR at the very end may be the first half of a CRLF: wait for the next bytes.
