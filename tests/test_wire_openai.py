@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from trioprovider.errors import ApiError
 from trioprovider.events import DeltaEvent, Failed, Finished, Heartbeat, ReplyTranslator
@@ -205,3 +207,14 @@ def test_fim_request_becomes_a_completion_invoke_with_its_suffix() -> None:
     body = {"model": "echo", "prompt": "def f(", "suffix": "\n    return x", "stop": ["\n\n"], "max_tokens": 300}
     invoke = completion_invoke(parse_request(CompletionRequest, body), request_id="r", session_id="s", defaults=Defaults())
     assert (invoke.kind, invoke.prompt, invoke.suffix, invoke.stop, invoke.max_tokens) == ("completion", "def f(", "\n    return x", ["\n\n"], 300)
+
+
+@settings(derandomize=True, database=None, deadline=None, max_examples=200)
+@given(st.text())
+def test_a_text_record_is_the_same_bytes_as_the_general_record(text: str) -> None:
+    """Text deltas take a shortcut (bytes around the text's JSON); it must give exactly the
+    record the general path builds from a dict."""
+    encoder = ChatStreamEncoder("chatcmpl-1", 1, "m", include_usage=False)
+    encoder.encode([DeltaEvent(Delta(content="first"))])  # the role goes in the first record only
+    general = encoder._record(choices=[{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+    assert encoder.encode([DeltaEvent(Delta(content=text))]) == general
