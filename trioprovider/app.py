@@ -9,7 +9,7 @@ from quart import Response, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from trioprovider.errors import ApiError
+from trioprovider.errors import ApiError, request_too_large
 from trioprovider.incoming import Incoming
 from trioprovider.origins import preflight_headers
 from trioprovider.provider import Provider, current_exchange, current_incoming
@@ -27,16 +27,14 @@ async def read_json() -> Any:
     try:
         data = await request.get_data(cache=False, as_text=False)
     except RequestEntityTooLarge:
-        limit = current_provider().settings.provider.max_body_bytes
-        raise ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large") from None
+        raise request_too_large(current_provider().settings.provider.max_body_bytes) from None
     assert isinstance(data, bytes)
     return parse_json(data)
 
 
 def error_response(error: ApiError, incoming: Incoming) -> Response:
     status, headers, body = error.answer(incoming.path)
-    response = Response(body, status=status, headers=headers)
-    return response
+    return Response(body, status=status, headers=headers)
 
 
 def create_app(provider: Provider) -> QuartTrio:

@@ -87,6 +87,10 @@ def invalid_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, code="invalid_request", param=param)
 
 
+def request_too_large(limit: int) -> ApiError:
+    return ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+
+
 def unauthorized(message: str = "Invalid or missing API key. Send 'Authorization: Bearer <key>'.") -> ApiError:
     return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 

@@ -68,9 +68,9 @@ class OncePerRecord(logging.Formatter):
     file by default: the access line, one a request, was formatted twice)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        done = record.__dict__.get("_formatted")
+        done: tuple[logging.Formatter, str] | None = record.__dict__.get("_formatted")
         if done is not None and done[0] is self:
-            return str(done[1])
+            return done[1]
         text = self.format_once(record)
         record._formatted = (self, text)
         return text

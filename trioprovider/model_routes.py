@@ -30,7 +30,7 @@ import trio
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from trioprovider.auth import Principal
-from trioprovider.errors import ApiError
+from trioprovider.errors import ApiError, request_too_large
 from trioprovider.events import Event
 from trioprovider.incoming import Incoming
 from trioprovider.origins import preflight_headers
@@ -119,10 +119,9 @@ class ModelRoutes:
         reading a byte), 408 if it takes longer than ``provider.body_timeout``."""
         settings = self.provider.settings.provider
         limit = settings.max_body_bytes
-        too_large = ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
         declared = incoming.header("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise too_large
+            raise request_too_large(limit)
         chunks: list[bytes] = []
         size = 0
         with trio.move_on_after(settings.body_timeout or math.inf) as waited:
@@ -133,7 +132,7 @@ class ModelRoutes:
                 chunk = cast(bytes, message.get("body", b""))
                 size += len(chunk)
                 if size > limit:
-                    raise too_large
+                    raise request_too_large(limit)
                 chunks.append(chunk)
                 if not message.get("more_body", False):
                     break

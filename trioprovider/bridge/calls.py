@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -173,14 +173,14 @@ class Resolution(enum.Enum):
     NO_AGENTS = "no_agents"
 
 
-def resolve(model: str, agents: list[AgentInfo], default_model: str) -> Resolution:
-    """Whether a model can be served by the connected agents.
+def resolve(model: str, served: Sequence[Iterable[ModelCard]], default_model: str) -> Resolution:
+    """Whether a model can be served by the connected agents (``served``: each agent's models).
 
     The configured default model is served by any agent when none advertises it by name.
     """
-    if not agents:
+    if not served:
         return Resolution.NO_AGENTS
-    if model == default_model or any(card.id == model for a in agents for card in a.models):
+    if model == default_model or any(card.id == model for cards in served for card in cards):
         return Resolution.SERVED
     return Resolution.UNKNOWN_MODEL
 

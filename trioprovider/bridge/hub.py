@@ -25,6 +25,7 @@ from trioprovider.bridge.calls import (
     Overloaded,
     Resolution,
     iso_time,
+    resolve,
 )
 from trioprovider.audit import AuditLog
 from trioprovider.bridge.streams import (
@@ -129,12 +130,8 @@ class BridgeHub:
         return [link.info() for link in self._links]
 
     def resolve(self, model: str) -> Resolution:
-        # What calls.resolve says of self.agents(), without describing every agent each request.
-        if not self._links:
-            return Resolution.NO_AGENTS
-        if model == self.default_model or any(link.serves(model) for link in self._links):
-            return Resolution.SERVED
-        return Resolution.UNKNOWN_MODEL
+        # From the links' hellos: self.agents() would describe every agent on each request.
+        return resolve(model, [link.hello.models for link in self._links], self.default_model)
 
     def in_flight(self) -> int:
         return sum(len(link.calls) for link in self._links)

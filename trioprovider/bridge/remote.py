@@ -80,7 +80,7 @@ class RemoteBridge:
         return list(self._agents)
 
     def resolve(self, model: str) -> Resolution:
-        return resolve(model, self._agents, self.default_model)
+        return resolve(model, [agent.models for agent in self._agents], self.default_model)
 
     def in_flight(self) -> int:
         return len(self._calls)
