@@ -28,8 +28,9 @@ from support import (
     wait_until,
 )
 from trioprovider.agents.echo import EchoAgent, echo_text
-from trioprovider.agents.runner import AgentStartError, run_agent
+from trioprovider.agents.runner import AgentStartError, AnswerStream, run_agent
 from trioprovider.config import ConfigError, Settings, load_settings
+from trioprovider.protocol import ModelInvoke, ModelResult
 from trioprovider.server import Running
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -433,17 +434,50 @@ def test_agent_flags_land_in_the_named_agents_section() -> None:
     assert overrides("echo", "--models", "x", "--max-concurrency", "2") == {"agents.echo.models": ["x"], "agents.echo.max_concurrency": 2}
 
 
+class RecordingEcho(EchoAgent):
+    """An echo agent that remembers whether each request reached it streamed."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.streamed: list[bool] = []
+
+    async def answer(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
+        self.streamed.append(invoke.stream)
+        return await super().answer(invoke, out)
+
+
 async def test_an_unstreamed_answer_longer_than_the_first_reply_deadline_arrives_whole() -> None:
     # The upstream takes ~1.5 s to answer in full; the front's first-reply deadline is 0.5 s. The
-    # agent asks the upstream for a stream, tells the provider it is answering at the first chunk,
-    # and hands over the answer whole in its result (one message, not one per chunk).
+    # agent asks the upstream for the answer whole, as the client did, and tells the provider at
+    # once that the request is in the upstream's hands, so that deadline does not cut it.
     async with trio.open_nursery() as nursery:
-        upstream = await start_upstream(nursery, EchoAgent(tokens=30, delay=0.05))
+        agent = RecordingEcho(tokens=30, delay=0.05)
+        upstream = await start_upstream(nursery, agent)
         front = await start_server(nursery, front_settings(upstream.provider_url, **{"performance.request_timeout": 0.5}), agents=("openai",))
         answer = await in_thread(openai_client(front).chat.completions.create, model="echo", messages=USER)
         assert answer.choices[0].message.content == echo_text("hello there", 30)
         assert answer.choices[0].finish_reason == "stop"
         assert answer.usage is not None and answer.usage.completion_tokens == 30
+        assert agent.streamed == [False]
+        front.shutdown.set()
+        upstream.shutdown.set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_leaving_an_unstreamed_request_closes_the_upstream_request() -> None:
+    async with trio.open_nursery() as nursery:
+        agent = RecordingEcho(tokens=1000, delay=0.05)
+        upstream = await start_upstream(nursery, agent)
+        front = await start_server(nursery, front_settings(upstream.provider_url), agents=("openai",))
+        http = await RawHTTP.post(front.provider_url, "/v1/chat/completions", chat_body(stream=False))
+        await wait_until(lambda: upstream.provider.scopes)
+        await http.hang_up()
+        # front: model_cancel -> the openai agent closes its upstream request -> the upstream's
+        # echo agent is told to stop, long before its 50 s answer would be done.
+        with trio.fail_after(5):
+            await agent.cancel_arrived.wait()
+        assert agent.streamed == [False]
+        await wait_until(lambda: not front.provider.scopes and not upstream.provider.scopes)
         front.shutdown.set()
         upstream.shutdown.set()
         nursery.cancel_scope.cancel()

@@ -60,10 +60,10 @@ def test_the_default_model_goes_to_the_first_upstream_model() -> None:
     assert upstream_model("cursor-agent-local", ["qwen", "llama3"]) == "qwen"
 
 
-def test_chat_request_streams_asks_for_usage_and_carries_only_what_was_set() -> None:
+def test_chat_request_streams_as_asked_with_usage_and_carries_only_what_was_set() -> None:
     tools = [{"type": "function", "function": {"name": "read", "parameters": {"type": "object"}}}]
     messages = [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "<b>&amp;</b>"}]
-    path, body = upstream_request(invoke(messages=messages, max_tokens=50, temperature=0.2, tools=tools, tool_choice="auto", stream=False), "qwen")
+    path, body = upstream_request(invoke(messages=messages, max_tokens=50, temperature=0.2, tools=tools, tool_choice="auto", stream=True), "qwen")
     assert path == "/chat/completions"
     assert body == {
         "model": "qwen",
@@ -75,6 +75,9 @@ def test_chat_request_streams_asks_for_usage_and_carries_only_what_was_set() -> 
         "tools": tools,
         "tool_choice": "auto",
     }
+    # Not streamed: the upstream's answer comes whole, with its usage (no stream_options).
+    _, unstreamed = upstream_request(invoke(messages=messages, stream=False), "qwen")
+    assert unstreamed == {"model": "qwen", "stream": False, "messages": messages}
 
 
 def test_completion_request_carries_prompt_and_suffix() -> None:

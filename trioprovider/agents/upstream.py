@@ -102,6 +102,11 @@ class UpstreamAgent:
         if self._client is None:
             raise RuntimeError("UpstreamAgent.answer called outside its running() context")
         path, body = upstream_request(invoke, upstream_model(invoke.model, [card.id for card in self.models]))
+        if not invoke.stream:
+            # An unstreamed upstream says nothing until its answer is whole, which may take
+            # longer than the provider's first-reply deadline: say now that the request is in
+            # the upstream's hands. Its silence is bounded by our own ``timeout`` instead.
+            await out.send(Delta())
         try:
             async with self._client.stream("POST", self.root + path, json=body) as response:
                 if response.status_code >= 300:
@@ -126,7 +131,6 @@ class UpstreamAgent:
     ) -> tuple[list[dict[str, Any]], Usage | None]:
         decoder = SseDecoder()
         stream = UpstreamStream(invoke.kind, self.root)
-        answering = False
         # Read on after [DONE] to the body's end, so the connection can be reused.
         async for data in response.aiter_bytes():
             try:
@@ -135,14 +139,10 @@ class UpstreamAgent:
                 raise bad_response(self.root, str(error)) from None
             for event in events:
                 for chunk in stream.feed(event):
+                    # Not streamed (an upstream that streams anyway): the answer goes whole in
+                    # the result, one message rather than one per chunk.
                     if invoke.stream:
                         await out.send(chunk.delta, chunk.finish_reason)
-                    elif not answering:
-                        # Not streamed: the answer goes whole in the result (one message, not one
-                        # per chunk); one empty chunk now tells the provider the upstream is
-                        # answering, so its first-reply deadline does not cut a long answer.
-                        answering = True
-                        await out.send(Delta())
         stream.end()
         return stream.result()
 
