@@ -13,7 +13,7 @@ import trio_websocket
 
 from trioprovider.agents.echo import EchoAgent, echo_text
 from trioprovider.agents.runner import AgentRejected, serve_agent
-from trioprovider.bridge.calls import REPLY_BUFFER, NoAgent, Overloaded
+from trioprovider.bridge.calls import REPLY_BUFFER, Call, NoAgent, Overloaded
 from trioprovider.bridge.hub import BridgeHub
 from trioprovider.bridge.streams import PeerClosed, WebSocketMessageStream, local_stream_pair
 from trioprovider.protocol import (
@@ -310,3 +310,34 @@ async def test_an_agent_that_stops_answering_pings_is_dropped(autojump_clock: tr
         assert dropped_after <= 2 * interval + 1
         assert hub.agents() == []
         nursery.cancel_scope.cancel()
+
+
+async def test_a_call_hands_over_what_has_arrived_without_waiting() -> None:
+    send, receive = trio.open_memory_channel[object](10)
+    cancelled: list[str] = []
+
+    async def cancel(request_id: str, reason: str) -> None:
+        cancelled.append(reason)
+
+    call = Call("a", receive, cancel)  # type: ignore[arg-type]
+    assert call.ready() == []  # nothing yet: no wait, nothing taken
+    chunks = [ModelStreamChunk(id="a", chunk={"delta": {"content": word}}) for word in ("x", "y")]
+    for chunk in chunks:
+        send.send_nowait(chunk)
+    assert call.ready() == chunks
+    result = ModelResult(id="a")
+    send.send_nowait(chunks[0])
+    send.send_nowait(result)
+    send.send_nowait(chunks[1])  # after the end: never handed over
+    assert await call.receive_batch() == [chunks[0], result]
+    assert call.finished and call.ready() == [] and await call.receive_batch() == []
+
+    # The agent gone mid-answer (its channel closed): the last reply says so.
+    send, receive = trio.open_memory_channel[object](10)
+    left = Call("b", receive, cancel)  # type: ignore[arg-type]
+    send.send_nowait(ModelStreamChunk(id="b", chunk={"delta": {"content": "x"}}))
+    send.close()
+    _, last = left.ready()
+    assert isinstance(last, ModelError) and last.code == "agent_disconnected" and left.finished
+    await left.cancel("client_disconnected")
+    assert cancelled == []  # the answer had ended: nothing to cancel

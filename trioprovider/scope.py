@@ -260,7 +260,15 @@ class RequestScope:
     async def _relay(self, call: Call, events: EventSink) -> None:
         interval = self.heartbeat_interval
         while True:
-            if interval is None:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            replies = call.ready()
+            if replies:
+                # Replies came during the last write: no heartbeat timeout (a cancel scope) is
+                # needed to take them. One schedule point, as a wait would have been, lets the
+                # agent add whatever else is ready now to the same write.
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                replies += call.ready()
+            elif interval is None:
                 replies = await call.receive_batch()
             else:
                 replies = []

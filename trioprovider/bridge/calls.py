@@ -74,7 +74,13 @@ class Call:
         chunks can then share one write to the client); empty once the answer has ended."""
         if self.finished:
             return []
-        batch = [await self.__anext__()]
+        first = await self.__anext__()
+        return [first, *self.ready()]
+
+    def ready(self) -> list[Reply]:
+        """The replies that have arrived, without waiting: empty when none has (or the answer
+        has ended). A reader that finds some needs no schedule point or timeout to take them."""
+        batch: list[Reply] = []
         while not self.finished:
             try:
                 reply = self._replies.receive_nowait()
