@@ -32,7 +32,7 @@ from trioprovider.agents.echo import EchoAgent
 from trioprovider.agents.runner import serve_agent
 from trioprovider.bridge.streams import local_stream_pair
 from trioprovider.config import hash_key, load_settings
-from trioprovider.server import Running, serve
+from trioprovider.server import Running, serve, tune_gc
 
 API_KEY = "bench-key-0123456789"
 #: Enough agent slots and queue for the largest scenario (1,000 concurrent streams).
@@ -70,8 +70,9 @@ async def main(args: argparse.Namespace) -> None:
     overrides.update(upstream_overrides(args.upstream) if args.agent == "openai" else {})
     settings = load_settings(None, env={}, overrides=overrides)
     # As the command line sets it up: INFO to standard error (which the driver sends to a file)
-    # and to the rotating log file.
+    # and to the rotating log file; the garbage collector tuned for serving.
     logs.configure(settings.logging, logs.log_file(settings.logging, "provider"))
+    tune_gc()
 
     echo = EchoAgent(tokens=canned.TOKENS, delay=args.delay_ms / 1000, max_concurrency=CAPACITY) if args.agent == "echo" else None
     async with trio.open_nursery() as nursery:

@@ -253,3 +253,14 @@ def test_an_allowed_non_loopback_bind_is_warned_about_once(caplog: pytest.LogCap
         preflight(settings)  # the server's, as it starts: loud, once
     warnings = [record.getMessage() for record in caplog.records if "LISTENING ON" in record.getMessage()]
     assert warnings == ["LISTENING ON 0.0.0.0: any machine that can reach it can try your API keys and bridge token"]
+
+
+def test_a_serving_process_tunes_the_garbage_collector() -> None:
+    # In a fresh interpreter: freezing this one would keep every test's garbage for good.
+    probe = (
+        "import gc; from trioprovider.server import GC_YOUNG_THRESHOLD, tune_gc; tune_gc(); "
+        "assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD and gc.get_freeze_count() > 1000, "
+        "(gc.get_threshold(), gc.get_freeze_count()); print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "ok", done.stderr
