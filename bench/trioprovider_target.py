@@ -66,12 +66,15 @@ async def main(args: argparse.Namespace) -> None:
         "agents.echo.tokens": canned.TOKENS,
         "agents.echo.delay_ms": args.delay_ms,
         "agents.echo.max_concurrency": CAPACITY,
+        # Each target its own files: two processes rotating one file lose lines.
+        "logging.file": f"logs/bench-{args.agent}.log",
+        "logging.audit_file": f"logs/bench-{args.agent}-audit.log",
     }
     overrides.update(upstream_overrides(args.upstream) if args.agent == "openai" else {})
     settings = load_settings(None, env={}, overrides=overrides)
     # As the command line sets it up: INFO to standard error (which the driver sends to a file)
     # and to the rotating log file; the garbage collector tuned for serving.
-    logs.configure(settings.logging, logs.log_file(settings.logging, "provider"))
+    logs.configure(settings.logging, logs.log_file(settings.logging))
     tune_gc()
 
     echo = EchoAgent(tokens=canned.TOKENS, delay=args.delay_ms / 1000, max_concurrency=CAPACITY) if args.agent == "echo" else None
