@@ -292,6 +292,25 @@ async def fake_upstream(body: bytes, content_type: str = "text/event-stream", ta
     await trio.serve_listeners(answer, listeners)
 
 
+async def test_an_upstream_that_streams_an_unstreamed_request_still_answers_whole() -> None:
+    # Asked for the answer whole, some servers stream anyway: the chunks are joined.
+    records = [
+        {"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}}]},
+        {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]},
+        {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}},
+    ]
+    sse = b"".join(b"data: " + json.dumps(record).encode() + b"\n\n" for record in records) + b"data: [DONE]\n\n"
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(fake_upstream, sse)
+        front = await start_server(nursery, front_settings(f"http://127.0.0.1:{port}", **{"agents.openai.models": ["m"]}), agents=("openai",))
+        answer = await in_thread(openai_client(front).chat.completions.create, model="m", messages=USER)
+        assert answer.choices[0].message.content == "Hello"
+        assert answer.choices[0].finish_reason == "stop"
+        assert answer.usage is not None and answer.usage.total_tokens == 5
+        front.shutdown.set()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_client_cancel_closes_the_upstream_stream_and_leaves_nothing_behind() -> None:
     async with trio.open_nursery() as nursery:
         agent = EchoAgent(tokens=1000, delay=0.05)
