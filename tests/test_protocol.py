@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import datetime
 import json
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ from trioprovider.protocol import (
     Usage,
     decode,
     encode,
+    utc_timestamp,
 )
 
 EXAMPLES = [
@@ -122,3 +126,16 @@ def test_json_schema_names_every_message_type() -> None:
     schema = protocol.json_schema()
     mapping = schema["discriminator"]["mapping"]
     assert set(mapping) == {m.type for m in EXAMPLES}
+
+
+def test_timestamps_say_now_to_the_millisecond_in_utc() -> None:
+    for _ in range(3):
+        before = datetime.datetime.now(datetime.UTC)
+        stamp = utc_timestamp()
+        after = datetime.datetime.now(datetime.UTC)
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", stamp), stamp
+        when = datetime.datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+        assert before - datetime.timedelta(milliseconds=1) <= when <= after
+        # Cached within its millisecond only: two milliseconds on, the text has moved.
+        time.sleep(0.002)
+        assert utc_timestamp() != stamp

@@ -22,18 +22,25 @@ CANCEL_REASONS = ("client_disconnected", "deadline", "session_revoked", "shutdow
 
 def utc_timestamp() -> str:
     """Now, as ISO 8601 UTC with milliseconds (``2026-11-21T17:00:00.123Z``)."""
-    global _second, _second_text
+    global _second, _second_text, _milli, _milli_text
     now = _time.time()
-    second = int(now)
+    milli = int(now * 1000)
+    if milli == _milli:
+        # Every message carries one, and a busy stream sends several within a millisecond.
+        return _milli_text
+    second = milli // 1000
     if second != _second:
-        # Every message carries one: format the date and time once a second, not per chunk.
+        # Format the date and time once a second, not per message.
         _second_text = _time.strftime("%Y-%m-%dT%H:%M:%S.", _time.gmtime(second))
         _second = second
-    return f"{_second_text}{int((now - second) * 1000):03d}Z"
+    _milli, _milli_text = milli, f"{_second_text}{milli % 1000:03d}Z"
+    return _milli_text
 
 
 _second = -1
 _second_text = ""
+_milli = -1
+_milli_text = ""
 
 
 class _Frame(BaseModel):
