@@ -9,12 +9,12 @@ import trio.testing
 
 from trioprovider.admission import Gate
 from trioprovider.agents.echo import EchoAgent
-from trioprovider.agents.runner import serve_agent
+from trioprovider.agents.runner import AnswerStream, serve_agent, text_choice, usage_of
 from trioprovider.auth import Principal
 from trioprovider.bridge.hub import BridgeHub
 from trioprovider.bridge.streams import local_stream_pair
 from trioprovider.events import DeltaEvent, Event, Failed, Finished, Heartbeat
-from trioprovider.protocol import ModelInvoke
+from trioprovider.protocol import Delta, ModelCard, ModelInvoke, ModelResult
 from trioprovider.ratelimit import RateLimiter
 from trioprovider.scope import CLIENT_STALL_TIMEOUT, Deadlines, RequestScope
 from trioprovider.sessions import SessionStore
@@ -227,4 +227,32 @@ async def test_a_client_that_never_reads_is_let_go_after_a_deadline_or_revoke(au
         assert g.limiter.open_reservations == 0 and g.sessions.active_requests == 0
         await agent.cancel_arrived.wait()
         connection_dropped.set()
+        nursery.cancel_scope.cancel()
+
+
+class AnnouncingAgent:
+    """Says at once that it is answering (an empty chunk), then writes its answer 5 s later,
+    as the openai agent does for an upstream asked for the answer whole."""
+
+    agent_id = "announcing"
+    models = [ModelCard(id="echo")]
+    max_concurrency = 4
+
+    async def answer(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
+        await out.send(Delta())
+        await trio.sleep(5)
+        await out.text("hi")
+        return ModelResult(id=invoke.id, choices=[text_choice(invoke, "hi")], usage=usage_of(4, 1))
+
+
+async def test_being_told_the_agent_is_answering_is_not_the_first_token(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, AnnouncingAgent())  # type: ignore[arg-type]
+        # The announcement meets a 1 s first-reply deadline; the answer comes 5 s in.
+        scope = RequestScope(hub, invoke(), prompt_tokens=4, deadlines=Deadlines(first_event=1, total=60))
+        events = await run_scope(scope)
+        assert [type(e) for e in events] == [DeltaEvent, Finished]
+        assert scope.first_event_at is not None and scope.first_token_at is not None
+        assert scope.first_event_at - scope.started_at < 1
+        assert scope.first_token_at - scope.started_at == pytest.approx(5)
         nursery.cancel_scope.cancel()

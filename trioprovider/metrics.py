@@ -347,8 +347,8 @@ class Metrics:
         finished = scope.finished_at if scope.finished_at is not None else scope.started_at
         duration = max(0.0, finished - scope.started_at)
         first_token = None
-        if scope.first_event_at is not None and (scope.usage is not None or scope.translator.completion_tokens):
-            first_token = scope.first_event_at - scope.started_at
+        if scope.first_token_at is not None and (scope.usage is not None or scope.translator.completion_tokens):
+            first_token = scope.first_token_at - scope.started_at
             self._first_token.labels(model).observe(first_token)
         self._model_duration.labels(model).observe(duration)
         self._window.add(duration, first_token)

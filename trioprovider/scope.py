@@ -145,7 +145,12 @@ class RequestScope:
         #: Why the request is being stopped, once something decides to stop it.
         self.cancel_reason: str | None = None
         self.started_at = 0.0
+        #: The agent's first reply of any kind (it is answering: the first-reply deadline is met).
         self.first_event_at: float | None = None
+        #: The first output (text, reasoning or a tool call), or the end of an answer with none:
+        #: time to first token. An agent may say it is answering before it has any (the openai
+        #: agent does, for an upstream asked for its answer whole).
+        self.first_token_at: float | None = None
         self.finished_at: float | None = None
         #: "completed", "failed", "cancelled" (client went away), or a cancel reason.
         self.outcome = "cancelled"
@@ -289,6 +294,8 @@ class RequestScope:
             batch: list[Event] = []
             for reply in replies:
                 for event in self.translator.feed(reply):
+                    if self.first_token_at is None and isinstance(event, (DeltaEvent, Finished)):
+                        self.first_token_at = now
                     if isinstance(event, DeltaEvent) and self.reservation is not None:
                         # Prompt and output so far: what is charged if the request ends early.
                         self.reservation.used = self.translator.prompt_tokens + self.translator.completion_tokens

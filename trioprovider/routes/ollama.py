@@ -94,7 +94,7 @@ def _timing_of(scope: RequestScope) -> Timing:
     def ns(seconds: float | None) -> int | None:
         return None if seconds is None else int(seconds * 1e9)
 
-    return Timing(started_ns=int(scope.started_at * 1e9), first_token_ns=ns(scope.first_event_at), finished_ns=ns(scope.finished_at))
+    return Timing(started_ns=int(scope.started_at * 1e9), first_token_ns=ns(scope.first_token_at), finished_ns=ns(scope.finished_at))
 
 
 async def chat(provider: Provider, incoming: Incoming, principal: Principal, body: Any) -> Reply:
