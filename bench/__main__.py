@@ -5,7 +5,8 @@ another: the mock upstream (floor), a bare Hypercorn-Trio app (ceiling), triopro
 echo agent and with the upstream agent in front of the mock, and the LiteLLM proxy in front of
 the mock. The machine is shared and noisy, so the comparisons run interleaved (round by round,
 each scenario on every target in turn, the order rotating) and are reported as medians over
-rounds and as ratios taken within a round. Results go to ``bench/results/``.
+rounds; the ratios the targets are stated in are measured once more from back-to-back pairs of
+short runs of the two targets compared. Results go to ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -39,11 +40,24 @@ class Plan:
     #: not queueing.
     probe_concurrency: int
     memory_steps: tuple[int, ...]
+    #: Back-to-back pairs of short runs for each ratio a target is stated in, and their length.
+    pairs: int
+    pair_duration: float
 
 
-FULL = Plan(3, 500, 3.0, (1, 10, 20, 50, 200), (1, 50, 500), 1000, 10, (250, 500, 750, 1000))
-QUICK = Plan(1, 200, 1.0, (1, 10, 20, 50, 200), (1, 50, 500), 1000, 20, (1000,))
-SMOKE = Plan(1, 20, 0.3, (1, 20), (1, 50), 20, 10, (50,))
+FULL = Plan(3, 500, 3.0, (1, 10, 20, 50, 200), (1, 50, 500), 1000, 10, (250, 500, 750, 1000), 10, 1.0)
+QUICK = Plan(1, 200, 1.0, (1, 10, 20, 50, 200), (1, 50, 500), 1000, 20, (1000,), 3, 0.5)
+SMOKE = Plan(1, 20, 0.3, (1, 20), (1, 50), 20, 10, (50,), 1, 0.2)
+
+#: The ratios the issue's targets are stated in: (scenario, concurrency, ours, theirs).
+PAIRED = [
+    ("throughput", 20, "trioprovider-echo", "ceiling"),
+    ("throughput", 20, "trioprovider-echo", "litellm"),
+    ("throughput", 20, "trioprovider-upstream", "litellm"),
+    ("streaming", 1, "trioprovider-echo", "ceiling"),
+    ("streaming", 50, "trioprovider-echo", "ceiling"),
+    ("streaming", 500, "trioprovider-echo", "ceiling"),
+]
 
 
 def log(message: str) -> None:
@@ -114,6 +128,7 @@ class Run:
                     ))
                 rounds.append(this_round)
             self._aggregate_speed(rounds)
+            self._pairs(servers)
         finally:
             for server in [*servers.values(), mock]:
                 server.stop()
@@ -160,6 +175,34 @@ class Run:
             {name: {key: _headline_value(result) for key, result in scenarios.items()} for name, scenarios in r.items()}
             for r in rounds
         ]
+
+    def _pairs(self, servers: dict[str, Server]) -> None:
+        """Each target ratio again, from short runs of its two targets back to back (ours then
+        theirs, then theirs then ours, so that a drift weighs on both alike). The machine's speed
+        swings within seconds: the same server, run after run, took 48 to 76 us of CPU a chunk
+        for the same work, so two runs a few seconds and three other targets apart (a round)
+        compare the moments as much as the servers."""
+        by_name = {target.name: target for target in self.targets}
+        paired = self.results.setdefault("pairs", {})
+        levels = {"throughput": self.plan.throughput_levels, "streaming": self.plan.streaming_levels}
+        for scenario, concurrency, ours, theirs in PAIRED:
+            if ours not in servers or theirs not in servers or concurrency not in levels[scenario]:
+                continue
+            key = f"{scenario}@{concurrency}"
+            ratios: list[float] = []
+            for number in range(self.plan.pairs):
+                rates: dict[str, float] = {}
+                for name in (ours, theirs) if number % 2 == 0 else (theirs, ours):
+                    server = servers[name]
+                    options = {"concurrency": concurrency, "duration": self.plan.pair_duration}
+                    rates[name] = _headline_value(run_client(scenario, server.url, **options, **self.client_options(by_name[name], server, "fast")))
+                if rates[theirs]:
+                    ratios.append(rates[ours] / rates[theirs])
+            if not ratios:
+                continue
+            low, median, high = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) > 1 else (ratios[0],) * 3
+            paired.setdefault(key, {})[f"{ours}/{theirs}"] = {"ratios": ratios, "median": median, "q1": low, "q3": high}
+            log(f"pairs: {key} {ours}/{theirs} median {median:.2f} (quartiles {low:.2f}-{high:.2f}, {len(ratios)} pairs)")
 
     # -- phase 2: cancellation ----------------------------------------------------------------
 
@@ -317,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         previous = json.loads((args.out / "results.json").read_text())
         run.results["targets"] = previous["targets"]
         run.results["rounds"] = previous.get("rounds", [])
+        run.results["pairs"] = previous.get("pairs", {})
         started -= previous.get("duration_s", 0)
     run.results["skipped"] = skipped
     run.results["mode"] = "smoke" if args.smoke else "quick" if args.quick else "full"
