@@ -49,14 +49,15 @@ FULL = Plan(3, 500, 3.0, (1, 10, 20, 50, 200), (1, 50, 500), 1000, 10, (250, 500
 QUICK = Plan(1, 200, 1.0, (1, 10, 20, 50, 200), (1, 50, 500), 1000, 20, (1000,), 3, 0.5)
 SMOKE = Plan(1, 20, 0.3, (1, 20), (1, 50), 20, 10, (50,), 1, 0.2)
 
-#: The ratios the issue's targets are stated in: (scenario, concurrency, ours, theirs).
+#: The ratios the issue's targets are stated in: (scenario, concurrency, ours, theirs). Not
+#: 500 streams: there one wave of answers outlasts a short run, which then measures how the
+#: wave starts rather than the steady rate; that ratio comes from the rounds' longer runs.
 PAIRED = [
     ("throughput", 20, "trioprovider-echo", "ceiling"),
     ("throughput", 20, "trioprovider-echo", "litellm"),
     ("throughput", 20, "trioprovider-upstream", "litellm"),
     ("streaming", 1, "trioprovider-echo", "ceiling"),
     ("streaming", 50, "trioprovider-echo", "ceiling"),
-    ("streaming", 500, "trioprovider-echo", "ceiling"),
 ]
 
 
