@@ -117,25 +117,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _key(args)
         settings = load_settings(args.config, overrides=_overrides(args))
         _setup_logging(settings, _process_name(args))
-        if args.command == "agent":
-            from trioprovider.server import StartupError, tune_gc
+        from trioprovider.server import StartupError, preflight, tune_gc
 
-            tune_gc()
+        # Every command from here on serves until it is stopped.
+        tune_gc()
+        if args.command == "agent":
             try:
                 trio.run(_run_agent, settings, args)
             except (StartupError, AgentStartError) as error:
                 raise ConfigError(str(error)) from None
         elif args.command == "bridge":
-            from trioprovider.server import tune_gc
-
-            tune_gc()
             trio.run(_run_bridge, settings)
         else:
-            from trioprovider.server import StartupError, preflight, tune_gc
-
             try:
                 preflight(settings, args.agent, warn=False)
-                tune_gc()
                 trio.run(_run_server, settings, args.agent)
             except StartupError as error:
                 raise ConfigError(str(error)) from None
