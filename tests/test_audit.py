@@ -6,6 +6,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from trioprovider.audit import AuditLog, audit_line
 
 
 def test_a_record_is_one_json_line_without_empty_fields() -> None:
-    when = dt.datetime(2026, 11, 21, 12, 0, 0, 123456, tzinfo=dt.UTC)
+    when = "2026-11-21T12:00:00.123+00:00"
     line = audit_line("authentication", {"success": False, "key": None, "key_prefix": "sk-abc", "client": "127.0.0.1"}, when)
     assert "\n" not in line
     assert json.loads(line) == {
@@ -28,7 +29,18 @@ def test_a_record_is_one_json_line_without_empty_fields() -> None:
 
 def test_unknown_events_are_a_programming_error() -> None:
     with pytest.raises(ValueError):
-        audit_line("prompt_text", {}, dt.datetime.now(dt.UTC))
+        audit_line("prompt_text", {}, "2026-11-21T12:00:00.123+00:00")
+
+
+def test_a_record_is_stamped_now_in_utc_to_the_millisecond(tmp_path: Path) -> None:
+    audit = AuditLog.to_file(tmp_path / "audit.log", max_bytes=10_000, backup_count=0)
+    before = dt.datetime.now(dt.UTC)
+    audit.record("session_revoked", session_id="s1", client="127.0.0.1")
+    after = dt.datetime.now(dt.UTC)
+    audit.close()
+    stamp = json.loads((tmp_path / "audit.log").read_text())["timestamp"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", stamp), stamp
+    assert before - dt.timedelta(milliseconds=1) <= dt.datetime.fromisoformat(stamp) <= after
 
 
 def test_the_file_rotates_at_its_size_and_keeps_its_backups(tmp_path: Path) -> None:

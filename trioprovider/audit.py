@@ -8,13 +8,14 @@ a request body, so even ``logging.log_prompts`` does not put prompts into this f
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import os
 import stat
 from pathlib import Path
 from typing import Any, BinaryIO
+
+from trioprovider.clock import MillisecondClock
 
 log = logging.getLogger(__name__)
 
@@ -23,13 +24,22 @@ EVENTS = frozenset(
 )
 
 
-def audit_line(event: str, fields: dict[str, Any], when: dt.datetime) -> str:
+#: One encoder for every record: ``json.dumps`` with options builds a new one per call.
+_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+#: The records' time: ISO 8601 UTC with milliseconds (``2026-11-21T17:00:00.123+00:00``).
+_clock = MillisecondClock("+00:00")
+
+
+def audit_line(event: str, fields: dict[str, Any], timestamp: str) -> str:
     """One audit record as a JSON line (without the newline); ``None`` fields are left out."""
     if event not in EVENTS:
         raise ValueError(f"unknown audit event {event!r}")
-    record: dict[str, Any] = {"timestamp": when.isoformat(timespec="milliseconds"), "event": event}
-    record.update((key, value) for key, value in fields.items() if value is not None)
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":"))
+    record: dict[str, Any] = {"timestamp": timestamp, "event": event}
+    for key, value in fields.items():
+        if value is not None:
+            record[key] = value
+    return _encode(record)
 
 
 def _open_private(path: Path) -> BinaryIO:
@@ -119,7 +129,7 @@ class AuditLog:
             if event not in EVENTS:
                 raise ValueError(f"unknown audit event {event!r}")
             return  # disabled: no line to build
-        line = audit_line(event, fields, dt.datetime.now(dt.UTC))
+        line = audit_line(event, fields, _clock.now())
         try:
             self._file.write(line)
         except OSError as error:

@@ -8,11 +8,12 @@ the documented ones and changing them means a new ``protocol_version``.
 
 from __future__ import annotations
 
-import time as _time
 from typing import Annotated, Any, Literal, Union
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
+
+from trioprovider.clock import MillisecondClock
 
 PROTOCOL_VERSION = 1
 
@@ -20,27 +21,8 @@ PROTOCOL_VERSION = 1
 CANCEL_REASONS = ("client_disconnected", "deadline", "session_revoked", "shutdown", "client_too_slow")
 
 
-def utc_timestamp() -> str:
-    """Now, as ISO 8601 UTC with milliseconds (``2026-11-21T17:00:00.123Z``)."""
-    global _second, _second_text, _milli, _milli_text
-    now = _time.time()
-    milli = int(now * 1000)
-    if milli == _milli:
-        # Every message carries one, and a busy stream sends several within a millisecond.
-        return _milli_text
-    second = milli // 1000
-    if second != _second:
-        # Format the date and time once a second, not per message.
-        _second_text = _time.strftime("%Y-%m-%dT%H:%M:%S.", _time.gmtime(second))
-        _second = second
-    _milli, _milli_text = milli, f"{_second_text}{milli % 1000:03d}Z"
-    return _milli_text
-
-
-_second = -1
-_second_text = ""
-_milli = -1
-_milli_text = ""
+#: Now, as ISO 8601 UTC with milliseconds (``2026-11-21T17:00:00.123Z``): every message's timestamp.
+utc_timestamp = MillisecondClock("Z").now
 
 
 class _Frame(BaseModel):
