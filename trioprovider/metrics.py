@@ -31,6 +31,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from trioprovider.protocol import AgentInfo
@@ -319,8 +320,9 @@ class Metrics:
         self._request_rate = RateMeter(start=self.started_at)
         self._token_rate = RateMeter(start=self.started_at)
         self._cpu = CpuMeter(self.started_at, time.process_time())
-        # Label children looked up once: .labels() takes a lock and builds a tuple each time.
-        self._http_series: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # Label children looked up once: .labels() takes a lock and builds a tuple each time,
+        # and a request ends with seven of them (see _child).
+        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -329,15 +331,16 @@ class Metrics:
         method = method if method in METHODS else "other"
         route = route or UNMATCHED_ROUTE
         status = status if status is not None else CLIENT_CLOSED
-        key = (method, route, status)
-        series = self._http_series.get(key)
-        if series is None:
-            series = self._http_series[key] = (
-                self._http_requests.labels(method, route, str(status)),
-                self._http_duration.labels(route),
-            )
-        series[0].inc()
-        series[1].observe(seconds)
+        self._child(self._http_requests, method, route, str(status)).inc()
+        self._child(self._http_duration, route).observe(seconds)
+
+    def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once."""
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     def model_request_ended(self, scope: RequestScope, *, route: str | None, disconnected_at: float | None) -> None:
         """A model request's scope closed; ``disconnected_at``: when its client left, if it did."""
@@ -349,8 +352,8 @@ class Metrics:
         first_token = None
         if scope.first_token_at is not None and (scope.usage is not None or scope.translator.completion_tokens):
             first_token = scope.first_token_at - scope.started_at
-            self._first_token.labels(model).observe(first_token)
-        self._model_duration.labels(model).observe(duration)
+            self._child(self._first_token, model).observe(first_token)
+        self._child(self._model_duration, model).observe(duration)
         self._window.add(duration, first_token)
 
         # The usage the client was told (the agent's own count, when it gave one); for an answer
@@ -362,9 +365,9 @@ class Metrics:
         totals.prompt_tokens += prompt
         totals.completion_tokens += completion
         if prompt:
-            self._tokens.labels(model, "input").inc(prompt)
+            self._child(self._tokens, model, "input").inc(prompt)
         if completion:
-            self._tokens.labels(model, "output").inc(completion)
+            self._child(self._tokens, model, "output").inc(completion)
         now = time.monotonic()
         self._request_rate.add(now)
         self._token_rate.add(now, prompt + completion)
@@ -372,7 +375,7 @@ class Metrics:
         kind = outcome_kind(scope.outcome)
         if kind == "successful":
             totals.successful += 1
-            self._model_requests.labels(model, "completed").inc()
+            self._child(self._model_requests, model, "completed").inc()
             return
         if kind == "failed":
             totals.failed += 1
