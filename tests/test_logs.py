@@ -16,6 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,27 @@ def test_text_lines_show_the_request_id_only_when_there_is_one() -> None:
         logs.RequestIdFilter().filter(line)
     assert re.search(r" INFO +trioprovider\.test \[r1\]: hello world$", formatter.format(with_id))
     assert re.search(r" INFO +trioprovider\.test: hello world$", formatter.format(without))
+
+
+def test_text_lines_keep_loggings_time_format_formatted_once_a_second() -> None:
+    formatter, standard = logs.make_formatter(logging_settings()), logging.Formatter(logs.TEXT_FORMAT)
+    # Within one second, across its end, and back again: the cached text must never go stale.
+    for created in (1_700_000_000.001, 1_700_000_000.999, 1_700_000_001.0, 1_700_000_001.5, 1_600_000_000.25, time.time()):
+        line = record()
+        line.created, line.msecs = created, int((created - int(created)) * 1000)
+        assert formatter.formatTime(line) == standard.formatTime(line)
+    assert formatter.formatTime(line, "%H") == standard.formatTime(line, "%H")
+
+
+def test_a_second_handler_keeps_the_request_id_the_first_one_gave() -> None:
+    line = record()
+    token = logs.current_request_id.set("req-first")
+    try:
+        logs.RequestIdFilter().filter(line)
+    finally:
+        logs.current_request_id.reset(token)
+    logs.RequestIdFilter().filter(line)
+    assert line.request_id == "req-first" and line.request_tag == " [req-first]"  # type: ignore[attr-defined]
 
 
 def test_each_process_has_its_own_file_beside_logging_file() -> None:

@@ -23,6 +23,7 @@ import logging
 import logging.handlers
 import os
 import sys
+import time
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
@@ -57,6 +58,8 @@ class RequestIdFilter(logging.Filter):
     None) and a ``request_tag`` for the text format (`` [id]`` or nothing)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "request_tag" in record.__dict__:
+            return True  # the handler before this one gave it its id already
         request_id = getattr(record, "request_id", None) or current_request_id.get()
         record.request_id = request_id
         record.request_tag = f" [{request_id}]" if request_id else ""
@@ -77,6 +80,21 @@ class OncePerRecord(logging.Formatter):
 
     def format_once(self, record: logging.LogRecord) -> str:
         return super().format(record)
+
+    _second = -1
+    _second_text = ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The standard ``2026-11-21 17:00:00,123`` (local time), its date and time formatted
+        once a second rather than once a line."""
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        second = int(record.created)
+        if second != self._second:
+            self._second_text = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        msec_format = self.default_msec_format
+        return msec_format % (self._second_text, record.msecs) if msec_format else self._second_text
 
 
 class JsonFormatter(OncePerRecord):
