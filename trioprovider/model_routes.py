@@ -20,7 +20,6 @@ One request::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Awaitable, Callable
@@ -38,6 +37,7 @@ from trioprovider.provider import Provider, current_exchange, current_incoming
 from trioprovider.routes import ollama, openai
 from trioprovider.routes.model_requests import Reply, StreamReply
 from trioprovider.validation import parse_json
+from trioprovider.wire.framing import dumps
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ class ModelRoutes:
                 if isinstance(reply, StreamReply):
                     await self._stream(send, incoming, reply)
                 else:
-                    await self._send_whole(send, incoming, 200, reply.headers, _json_bytes(reply.body))
+                    await self._send_whole(send, incoming, 200, reply.headers, dumps(reply.body))
             nursery.cancel_scope.cancel()
 
     async def _read_body(self, incoming: Incoming, receive: ASGIReceiveCallable) -> bytes:
@@ -178,10 +178,6 @@ class ModelRoutes:
     def _common_headers(self, incoming: Incoming, headers: dict[str, str]) -> dict[str, str]:
         """``headers`` with what every answer carries: its request id, and CORS for browsers."""
         return {**headers, "X-Request-Id": headers.get("X-Request-Id", incoming.request_id), **self.provider.cors_headers(incoming)}
-
-
-def _json_bytes(body: dict[str, Any]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
 
 
 async def _cancel_on_disconnect(receive: ASGIReceiveCallable, request: trio.CancelScope) -> None:
