@@ -17,19 +17,20 @@ class MillisecondClock:
 
     def __init__(self, zone: str) -> None:
         self._zone = zone
-        self._second = -1
-        self._second_text = ""
-        self._milli = -1
-        self._milli_text = ""
+        # (second, its text) and (millisecond, its text): each replaced whole, so a thread
+        # that reads one never pairs a time with another time's text.
+        self._second: tuple[int, str] = (-1, "")
+        self._milli: tuple[int, str] = (-1, "")
 
     def now(self) -> str:
         milli = int(time.time() * 1000)
-        if milli == self._milli:
-            return self._milli_text
+        cached = self._milli
+        if cached[0] == milli:
+            return cached[1]
         second = milli // 1000
-        if second != self._second:
-            self._second_text = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
-            self._second = second
-        self._milli = milli
-        self._milli_text = f"{self._second_text}{milli % 1000:03d}{self._zone}"
-        return self._milli_text
+        date_time = self._second
+        if date_time[0] != second:
+            date_time = self._second = (second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)))
+        text = f"{date_time[1]}{milli % 1000:03d}{self._zone}"
+        self._milli = (milli, text)
+        return text

@@ -81,8 +81,8 @@ class OncePerRecord(logging.Formatter):
     def format_once(self, record: logging.LogRecord) -> str:
         return super().format(record)
 
-    _second = -1
-    _second_text = ""
+    #: (second, its date and time): replaced whole, as records may be formatted in threads.
+    _second: tuple[int, str] = (-1, "")
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         """The standard ``2026-11-21 17:00:00,123`` (local time), its date and time formatted
@@ -90,11 +90,11 @@ class OncePerRecord(logging.Formatter):
         if datefmt is not None:
             return super().formatTime(record, datefmt)
         second = int(record.created)
-        if second != self._second:
-            self._second_text = time.strftime(self.default_time_format, self.converter(second))
-            self._second = second
+        cached = self._second
+        if cached[0] != second:
+            cached = self._second = (second, time.strftime(self.default_time_format, self.converter(second)))
         msec_format = self.default_msec_format
-        return msec_format % (self._second_text, record.msecs) if msec_format else self._second_text
+        return msec_format % (cached[1], record.msecs) if msec_format else cached[1]
 
 
 class JsonFormatter(OncePerRecord):
