@@ -24,10 +24,15 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("LOCAL_PROVIDER_"
 async def read_banner(process: trio.Process, until: str) -> str:
     """Read the process's stdout until a line containing ``until`` arrives."""
     assert process.stdout is not None
+    return await read_output(process.stdout, until)
+
+
+async def read_output(output: trio.abc.ReceiveStream, until: str) -> str:
+    """Read ``output`` (a process's stdout or stderr) until ``until`` arrives."""
     text = ""
     with trio.fail_after(30):
         while until not in text:
-            data = await process.stdout.receive_some(4096)
+            data = await output.receive_some(4096)
             assert data, f"process ended before printing {until!r}: {text}"
             text += data.decode()
     return text
@@ -264,3 +269,45 @@ def test_a_serving_process_tunes_the_garbage_collector() -> None:
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.stdout.strip() == "ok", done.stderr
+
+
+async def test_sigterm_lets_a_standalone_agent_finish_its_answer_and_refuse_new_ones(tmp_path: Path) -> None:
+    import httpx
+
+    from support import RawHTTP, chat_body, sse_payloads
+
+    env = {
+        **ENV, "LOCAL_PROVIDER_PORT": "0", "LOCAL_PROVIDER_BRIDGE_URL": "ws://127.0.0.1:0",
+        "LOCAL_PROVIDER_BRIDGE_TOKEN": "drain-test-token",
+    }
+    async with trio.open_nursery() as nursery:
+        server = await start_server_process(nursery, tmp_path, env)
+        agent = await nursery.start(
+            lambda task_status: trio.run_process(
+                # 200 tokens 10 ms apart: the answer outlasts the signal by about two seconds.
+                [sys.executable, "-m", "trioprovider", "agent", "echo", "--bridge-url", server.bridge, "--tokens", "200", "--delay-ms", "10"],
+                cwd=str(tmp_path), env=env, stderr=subprocess.PIPE, check=False, task_status=task_status,
+            )
+        )
+        await read_output(agent.stderr, "registered with the bridge")
+        stream = await RawHTTP.post(server.url, "/v1/chat/completions", chat_body("one two"), api_key=server.key)
+        await stream.read_until(b'"content"')
+        agent.send_signal(signal.SIGTERM)
+        await read_output(agent.stderr, "taking no new ones")
+
+        # While it drains, a new request is refused as the agent stopping, retryably (503).
+        async with httpx.AsyncClient(base_url=server.url, headers={"Authorization": f"Bearer {server.key}"}) as client:
+            refused = await client.post("/v1/chat/completions", content=chat_body("three", stream=False))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutdown"
+
+        # The answer in flight runs to its end, then the agent exits on its own.
+        with trio.fail_after(30):
+            await stream.read_until(b"data: [DONE]")
+            await agent.wait()
+        assert agent.returncode == 0
+        chunks = [json.loads(p) for p in sse_payloads(stream.received)[:-1]]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks) == echo_text("one two", 200)
+        assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+        server.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            await server.process.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -28,6 +29,8 @@ from trioprovider.config import (
 )
 
 COMMANDS = ("serve", "init", "key", "agent", "bridge", "schema")
+
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -307,10 +310,12 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
     if not settings.mcp.token:
         raise ConfigError("no bridge token: set LOCAL_PROVIDER_BRIDGE_TOKEN, pass --token, or run 'init'")
     agent = make_agent(args.name, settings)
+    stopping = trio.Event()
     async with lifetime(agent), trio.open_nursery() as nursery:
-        # SIGTERM would otherwise end the process on the spot, skipping the cleanup that stops
-        # what agents started (the Cursor CLI's process groups): make it a cancellation.
-        nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+        # SIGTERM would otherwise end the process on the spot, cutting off the answers in flight
+        # and skipping the cleanup that stops what agents started (the Cursor CLI's process
+        # groups): it drains instead, as the server does.
+        nursery.start_soon(_drain_on_signal, stopping, settings.provider.graceful_timeout, nursery.cancel_scope)
         await run_agent(
             agent,
             settings.mcp.bridge_url,
@@ -318,17 +323,26 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
             reconnect_delay=max(0.5, settings.mcp.reconnect_delay),
             heartbeat_interval=settings.mcp.heartbeat_interval,
             max_frame_bytes=settings.mcp.max_frame_bytes,
+            stopping=stopping,
         )
         nursery.cancel_scope.cancel()
 
 
-async def _stop_on_signal(scope: trio.CancelScope) -> None:
+async def _drain_on_signal(stopping: trio.Event, grace: float, scope: trio.CancelScope) -> None:
+    """The first SIGINT or SIGTERM sets ``stopping`` (answers in flight finish, nothing new is
+    taken); a second one, or ``grace`` seconds (``provider.graceful_timeout``), cancels ``scope``."""
     import signal
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for _ in signals:
-            scope.cancel()
-            return
+        async for signum in signals:
+            log.info("%s received: finishing the answers in flight (up to %.0fs)", signal.Signals(signum).name, grace)
+            stopping.set()
+            break
+        with trio.move_on_after(grace):
+            async for _ in signals:
+                log.warning("second signal: stopping now")
+                break
+    scope.cancel()
 
 
 async def _run_bridge(settings: Settings) -> None:

@@ -15,6 +15,8 @@ _AGENT_STATUS = {
     "no_agent": 503,
     "overloaded": 503,
     "agent_disconnected": 503,
+    # The agent's process is stopping: it finishes what it has and takes nothing new.
+    "shutdown": 503,
     "timeout": 504,
     "rate_limited": 429,
     # The Cursor IDE agent (agent mcp) did not take the request in time.

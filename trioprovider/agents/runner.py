@@ -128,8 +128,46 @@ def lifetime(agent: Agent) -> AbstractAsyncContextManager[object]:
     return running() if callable(running) else contextlib.nullcontext()
 
 
-async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
-    """Serve requests from the bridge on ``stream`` until either side closes it."""
+class InFlight:
+    """The requests an agent is answering, each with the cancel scope of its task."""
+
+    def __init__(self) -> None:
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._emptied = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._scopes)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._scopes
+
+    def add(self, request_id: str, scope: trio.CancelScope) -> None:
+        self._scopes[request_id] = scope
+
+    def pop(self, request_id: str) -> trio.CancelScope | None:
+        scope = self._scopes.pop(request_id, None)
+        if not self._scopes:
+            self._emptied.set()
+        return scope
+
+    def discard(self, request_id: str, scope: trio.CancelScope) -> None:
+        """Forget ``request_id`` if ``scope`` is still its task's (not a newer request's)."""
+        if self._scopes.get(request_id) is scope:
+            self.pop(request_id)
+
+    async def wait_empty(self) -> None:
+        while self._scopes:
+            self._emptied = trio.Event()
+            await self._emptied.wait()
+
+
+async def serve_agent(agent: Agent, stream: MessageStream, token: str, *, stopping: trio.Event | None = None) -> None:
+    """Serve requests from the bridge on ``stream`` until either side closes it.
+
+    Once ``stopping`` is set (the agent's process was asked to stop), new requests are refused
+    with a retryable ``shutdown`` error, the answers in flight run to their end, and then the
+    connection is closed from this side.
+    """
     await stream.send(
         AgentHello(
             id=f"hello-{agent.agent_id}",
@@ -147,34 +185,35 @@ async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
         raise AgentRejected(f"expected hello_ack, got {reply.type}")
     log.info("agent %r registered with the bridge (%s)", agent.agent_id, stream.peer)
 
-    in_flight: dict[str, trio.CancelScope] = {}
+    in_flight = InFlight()
     async with trio.open_nursery() as nursery:
+
+        async def refuse(invoke: ModelInvoke, code: str, why: str) -> None:
+            with contextlib.suppress(PeerClosed):  # the reader hears of it too
+                await stream.send(ModelError(id=invoke.id, code=code, message=f"agent {agent.agent_id!r} {why}", retryable=True))
 
         async def take(message: Message) -> None:
             if isinstance(message, ModelInvoke):
-                if message.id in in_flight or len(in_flight) >= agent.max_concurrency:
-                    with contextlib.suppress(PeerClosed):  # the reader hears of it too
-                        await stream.send(
-                            ModelError(
-                                id=message.id,
-                                code="overloaded",
-                                message=f"agent {agent.agent_id!r} is at max_concurrency",
-                                retryable=True,
-                            )
-                        )
-                    return
-                scope = trio.CancelScope()
-                in_flight[message.id] = scope
-                nursery.start_soon(_answer, agent, stream, message, scope, in_flight)
+                if stopping is not None and stopping.is_set():
+                    await refuse(message, "shutdown", "is stopping")
+                elif message.id in in_flight or len(in_flight) >= agent.max_concurrency:
+                    await refuse(message, "overloaded", "is at max_concurrency")
+                else:
+                    scope = trio.CancelScope()
+                    in_flight.add(message.id, scope)
+                    nursery.start_soon(_answer, agent, stream, message, scope, in_flight)
             elif isinstance(message, ModelCancel):
                 # Forget it now, not when its task winds down, so its slot is free for the
                 # request the bridge may send right behind this cancel.
-                if message.id in in_flight:
-                    scope = in_flight.pop(message.id)
+                cancelled = in_flight.pop(message.id)
+                if cancelled is not None:
                     log.debug("agent: request %s cancelled (%s)", message.id, message.reason, extra=about(message.id))
-                    scope.cancel()
+                    cancelled.cancel()
             else:
                 log.debug("agent: ignoring %s", message.type)
+
+        if stopping is not None:
+            nursery.start_soon(_close_when_drained, agent, stopping, in_flight, nursery.cancel_scope)
 
         if isinstance(stream, LocalMessageStream):
             # In process, the bridge's messages are taken in the sender's task as it sends
@@ -194,12 +233,20 @@ async def serve_agent(agent: Agent, stream: MessageStream, token: str) -> None:
             nursery.cancel_scope.cancel()
 
 
+async def _close_when_drained(agent: Agent, stopping: trio.Event, in_flight: InFlight, connection: trio.CancelScope) -> None:
+    await stopping.wait()
+    log.info("agent %r stopping: finishing %d answer(s) in flight, taking no new ones", agent.agent_id, len(in_flight))
+    await in_flight.wait_empty()
+    # Every answer's last message is out: end the connection (its reader) from this side.
+    connection.cancel()
+
+
 async def _answer(
     agent: Agent,
     stream: MessageStream,
     invoke: ModelInvoke,
     scope: trio.CancelScope,
-    in_flight: dict[str, trio.CancelScope],
+    in_flight: InFlight,
 ) -> None:
     # This task's own context: what the agent logs while answering carries the request id.
     current_request_id.set(invoke.id)
@@ -229,8 +276,7 @@ async def _answer(
     except PeerClosed:
         pass
     finally:
-        if in_flight.get(invoke.id) is scope:
-            del in_flight[invoke.id]
+        in_flight.discard(invoke.id, scope)
 
 
 async def run_agent(
@@ -242,14 +288,18 @@ async def run_agent(
     reconnect_attempts: int | None = None,
     max_frame_bytes: int = 8 * 1024 * 1024,
     heartbeat_interval: float = 30.0,
+    stopping: trio.Event | None = None,
 ) -> None:
     """Connect to the bridge at ``url`` and serve; reconnect after a lost connection.
 
     ``reconnect_attempts`` bounds consecutive failed connects (None: keep trying). A rejected
-    hello is final: retrying with the same token cannot succeed.
+    hello is final: retrying with the same token cannot succeed. Once ``stopping`` is set, the
+    answers in flight finish (see :func:`serve_agent`) and it returns instead of reconnecting.
     """
+    if stopping is None:
+        stopping = trio.Event()
     failures = 0
-    while True:
+    while not stopping.is_set():
         try:
             async with trio_websocket.open_websocket_url(
                 url, max_message_size=max_frame_bytes, connect_timeout=10, disconnect_timeout=2
@@ -258,13 +308,18 @@ async def run_agent(
                 stream = WebSocketMessageStream(ws)
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(cancel_when_silent, stream, heartbeat_interval, nursery.cancel_scope)
-                    await serve_agent(agent, stream, token)
+                    await serve_agent(agent, stream, token, stopping=stopping)
                     nursery.cancel_scope.cancel()
+            if stopping.is_set():
+                return
             log.warning("agent %r: bridge closed the connection", agent.agent_id)
         except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed, PeerClosed) as error:
+            if stopping.is_set():
+                return
             failures += 1
             log.warning("agent %r: cannot reach the bridge at %s (%s)", agent.agent_id, url, error)
             if reconnect_attempts is not None and failures > reconnect_attempts:
                 raise
-        await trio.sleep(reconnect_delay)
+        with trio.move_on_after(reconnect_delay):
+            await stopping.wait()
 
