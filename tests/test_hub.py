@@ -341,3 +341,40 @@ async def test_a_call_hands_over_what_has_arrived_without_waiting() -> None:
     assert isinstance(last, ModelError) and last.code == "agent_disconnected" and left.finished
     await left.cancel("client_disconnected")
     assert cancelled == []  # the answer had ended: nothing to cancel
+
+
+async def test_a_stopping_agent_finishes_its_answer_and_gets_no_new_requests(autojump_clock: trio.testing.MockClock) -> None:
+    hub = BridgeHub(token=TOKEN, default_model="default")
+    leaving, staying = EchoAgent(tokens=5, delay=1.0, agent_id="leaving"), EchoAgent(tokens=5, delay=1.0, agent_id="staying")
+    stopping = trio.Event()
+    async with trio.open_nursery() as nursery:
+        hub_end, agent_end = local_stream_pair()
+        nursery.start_soon(hub.accept, hub_end)
+
+        async def serve_leaving() -> None:
+            try:
+                await serve_agent(leaving, agent_end, TOKEN, stopping=stopping)
+            finally:
+                await agent_end.aclose()  # as run_agent closes its WebSocket
+
+        nursery.start_soon(serve_leaving)
+        assert await hub.wait_for_agents(1)
+        attach(nursery, hub, staying)
+        while len(hub.agents()) < 2:
+            await trio.sleep(0.01)
+        # One answer in flight on each: the next request could go to either, and goes to the first.
+        first = await hub.start_call(invoke("first", "one two"))
+        second = await hub.start_call(invoke("second"))
+        stopping.set()
+        refused = await collect(await hub.start_call(invoke("refused")))
+        after = await collect(await hub.start_call(invoke("after", "three")))
+        assert isinstance(refused[1][-1], ModelError) and refused[1][-1].code == "shutdown" and refused[1][-1].retryable
+        # Once refused, the stopping agent is passed over: the next request goes to the other one.
+        assert after[0] == echo_text("three", 5)
+        # What the stopping agent had in hand still ends whole, and then it leaves.
+        assert (await collect(first))[0] == echo_text("one two", 5)
+        assert (await collect(second))[0] == echo_text("alpha beta", 5)
+        while len(hub.agents()) > 1:
+            await trio.sleep(0.01)
+        assert [agent.agent_id for agent in hub.agents()] == ["staying"]
+        nursery.cancel_scope.cancel()

@@ -165,8 +165,8 @@ async def serve_agent(agent: Agent, stream: MessageStream, token: str, *, stoppi
     """Serve requests from the bridge on ``stream`` until either side closes it.
 
     Once ``stopping`` is set (the agent's process was asked to stop), new requests are refused
-    with a retryable ``shutdown`` error, the answers in flight run to their end, and then the
-    connection is closed from this side.
+    with a retryable ``shutdown`` error, the answers in flight run to their end, and then it
+    returns (whoever opened the connection closes it, as :func:`run_agent` does).
     """
     await stream.send(
         AgentHello(
@@ -237,7 +237,7 @@ async def _close_when_drained(agent: Agent, stopping: trio.Event, in_flight: InF
     await stopping.wait()
     log.info("agent %r stopping: finishing %d answer(s) in flight, taking no new ones", agent.agent_id, len(in_flight))
     await in_flight.wait_empty()
-    # Every answer's last message is out: end the connection (its reader) from this side.
+    # Every answer's last message is out: stop reading, and serve_agent returns.
     connection.cancel()
 
 

@@ -67,6 +67,9 @@ class AgentLink:
     stream: MessageStream
     calls: CallTable = field(default_factory=CallTable)
     connection_id: int = field(default_factory=lambda: next(_connection_ids))
+    #: The agent said it is stopping (it refused a request with ``shutdown``): it finishes what
+    #: it has, and no new request is routed to it.
+    stopping: bool = False
 
     @property
     def has_capacity(self) -> bool:
@@ -162,9 +165,10 @@ class BridgeHub:
         return call
 
     def _candidates(self, model: str) -> list[AgentLink]:
-        candidates = [link for link in self._links if link.serves(model)]
+        routable = [link for link in self._links if not link.stopping]
+        candidates = [link for link in routable if link.serves(model)]
         if not candidates and model == self.default_model:
-            candidates = list(self._links)
+            candidates = routable
         return candidates
 
     def saturated(self, model: str) -> bool:
@@ -351,6 +355,9 @@ class BridgeHub:
                 log.debug("bridge: %s for request %s not in flight", message.type, message.id, extra=about(message.id))
             elif not isinstance(message, ModelStreamChunk):
                 self._capacity_freed()
+            if isinstance(message, ModelError) and message.code == "shutdown" and not link.stopping:
+                link.stopping = True
+                log.info("bridge: agent %r is stopping; new requests go to other agents", link.hello.agent_id)
         else:
             log.warning(
                 "bridge: agent %r sent %s, which agents may not send; ignored",
