@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -29,8 +28,6 @@ from trioprovider.config import (
 )
 
 COMMANDS = ("serve", "init", "key", "agent", "bridge", "schema")
-
-log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -300,7 +297,7 @@ def banner(running: Any, settings: Settings) -> str:
 
 async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
     from trioprovider.agents.runner import lifetime, run_agent
-    from trioprovider.server import make_agent
+    from trioprovider.server import drain_on_signals, make_agent
 
     if args.name == "mcp":
         from trioprovider.agents.mcp_stdio import run_mcp_agent
@@ -315,7 +312,7 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
         # SIGTERM would otherwise end the process on the spot, cutting off the answers in flight
         # and skipping the cleanup that stops what agents started (the Cursor CLI's process
         # groups): it drains instead, as the server does.
-        nursery.start_soon(_drain_on_signal, stopping, settings.provider.graceful_timeout, nursery.cancel_scope)
+        nursery.start_soon(partial(drain_on_signals, stopping, nursery.cancel_scope, grace=settings.provider.graceful_timeout))
         await run_agent(
             agent,
             settings.mcp.bridge_url,
@@ -326,23 +323,6 @@ async def _run_agent(settings: Settings, args: argparse.Namespace) -> None:
             stopping=stopping,
         )
         nursery.cancel_scope.cancel()
-
-
-async def _drain_on_signal(stopping: trio.Event, grace: float, scope: trio.CancelScope) -> None:
-    """The first SIGINT or SIGTERM sets ``stopping`` (answers in flight finish, nothing new is
-    taken); a second one, or ``grace`` seconds (``provider.graceful_timeout``), cancels ``scope``."""
-    import signal
-
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("%s received: finishing the answers in flight (up to %.0fs)", signal.Signals(signum).name, grace)
-            stopping.set()
-            break
-        with trio.move_on_after(grace):
-            async for _ in signals:
-                log.warning("second signal: stopping now")
-                break
-    scope.cancel()
 
 
 async def _run_bridge(settings: Settings) -> None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import gc
 import ipaddress
 import logging
+import math
 import signal
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
@@ -304,7 +305,7 @@ async def serve(
             )
             root.start_soon(_reap_sessions, provider.gate, settings.sessions.cleanup_interval)
             if handle_signals:
-                root.start_soon(_watch_signals, shutdown, root.cancel_scope)
+                root.start_soon(drain_on_signals, shutdown, root.cancel_scope)
             binds = await root.start(_serve_http, provider, shutdown, root.cancel_scope)
             task_status.started(
                 Running(
@@ -404,13 +405,18 @@ async def _reap_sessions(gate: Gate, interval: float) -> None:
             log.debug("session reaper: %d sessions ended", ended)
 
 
-async def _watch_signals(shutdown: trio.Event, root: trio.CancelScope) -> None:
+async def drain_on_signals(draining: trio.Event, stop_now: trio.CancelScope, *, grace: float = math.inf) -> None:
+    """The first SIGINT or SIGTERM sets ``draining``; a second one, or ``grace`` seconds after
+    the first, cancels ``stop_now``. The server bounds its drain itself; an agent process, whose
+    drain is only waiting for its answers, passes ``grace``."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for signum in signals:
-            if shutdown.is_set():
-                log.warning("second signal: stopping now")
-                root.cancel()
-                return
             log.info("%s received: draining", signal.Signals(signum).name)
-            shutdown.set()
+            draining.set()
+            break
+        with trio.move_on_after(grace):
+            async for _ in signals:
+                log.warning("second signal: stopping now")
+                break
+    stop_now.cancel()
 
