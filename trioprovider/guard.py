@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from typing import cast
@@ -126,10 +127,19 @@ def _with_safe_host(scope: HTTPScope) -> tuple[HTTPScope, str | None]:
     host = next((value for name, value in headers if name == b"host"), None)
     if host is None:
         return scope, None
+    if not _routable_host(host):
+        replaced = [(key, UNSERVABLE_HOST if key == b"host" else value) for key, value in headers]
+        return cast(HTTPScope, {**scope, "headers": replaced}), host.decode("latin-1")
+    return scope, None
+
+
+@functools.lru_cache(maxsize=256)
+def _routable_host(host: bytes) -> bool:
+    """Whether Werkzeug can IDNA-encode ``host``. Remembered (bounded): clients send the same
+    few Hosts on every request, and the codec cost a few microseconds each time."""
     try:
         name = host.decode("ascii").rsplit(":", 1)[0] if not host.startswith(b"[") else "ipv6"
         name.encode("idna")
     except UnicodeError:
-        replaced = [(key, UNSERVABLE_HOST if key == b"host" else value) for key, value in headers]
-        return cast(HTTPScope, {**scope, "headers": replaced}), host.decode("latin-1")
-    return scope, None
+        return False
+    return True

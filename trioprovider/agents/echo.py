@@ -32,15 +32,18 @@ def echo_source(invoke: ModelInvoke) -> str:
     return ""
 
 
+def _echo_words(source: str, count: int) -> itertools.islice[str]:
+    return itertools.islice(itertools.cycle(source.split() or ["echo"]), count)
+
+
 def echo_tokens(source: str, count: int) -> list[str]:
     """The ``count`` tokens of the echo answer to ``source``: its words, cycled, space-joined."""
-    words = source.split() or ["echo"]
-    cycled = itertools.islice(itertools.cycle(words), count)
-    return [word if i == 0 else " " + word for i, word in enumerate(cycled)]
+    return [word if i == 0 else " " + word for i, word in enumerate(_echo_words(source, count))]
 
 
 def echo_text(source: str, count: int) -> str:
-    return "".join(echo_tokens(source, count))
+    """The whole echo answer: ``"".join(echo_tokens(source, count))``."""
+    return " ".join(_echo_words(source, count))
 
 
 class EchoAgent:
@@ -81,13 +84,19 @@ class EchoAgent:
     async def _echo(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
         count = self.tokens if invoke.max_tokens is None else min(self.tokens, invoke.max_tokens)
         finish_reason = "length" if count < self.tokens else "stop"
-        tokens = echo_tokens(echo_source(invoke), count)
-        for token in tokens:
-            if self.delay:
-                await trio.sleep(self.delay)
-            if invoke.stream:
+        if invoke.stream:
+            tokens = echo_tokens(echo_source(invoke), count)
+            for token in tokens:
+                if self.delay:
+                    await trio.sleep(self.delay)
                 await out.text(token)
-        return self._result(invoke, text_choice(invoke, "".join(tokens), finish_reason), count)
+            text = "".join(tokens)
+        else:
+            # Nothing reaches the client before the end: the whole text, after its tokens' time.
+            for _ in range(count if self.delay else 0):
+                await trio.sleep(self.delay)
+            text = echo_text(echo_source(invoke), count)
+        return self._result(invoke, text_choice(invoke, text, finish_reason), count)
 
     async def _call_tool(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
         """Call the first tool offered, with ``{"text": <the user's message>}``, in fragments the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import pydantic
@@ -15,8 +16,10 @@ from trioprovider.wire.answer import Answer
 from trioprovider.wire.framing import SSE_DONE, SSE_KEEPALIVE, dumps, sse_record
 
 
-class Defaults(BaseModel):
-    """Server-side sampling defaults, for clients (Void) that send none."""
+@dataclass(frozen=True, slots=True)
+class Defaults:
+    """Server-side sampling defaults, for clients (Void) that send none (from the validated
+    ``model`` settings: a plain value, built once a request)."""
 
     max_tokens: int = 2048
     temperature: float = 0.7
