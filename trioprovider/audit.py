@@ -8,7 +8,6 @@ a request body, so even ``logging.log_prompts`` does not put prompts into this f
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import stat
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from trioprovider.clock import MillisecondClock
+from trioprovider.wire.framing import json_text
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +23,6 @@ EVENTS = frozenset(
     {"authentication", "rate_limit_exceeded", "model_request", "security_violation", "session_revoked"}
 )
 
-
-#: One encoder for every record: ``json.dumps`` with options builds a new one per call.
-_encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 #: The records' time: ISO 8601 UTC with milliseconds (``2026-11-21T17:00:00.123+00:00``).
 _clock = MillisecondClock("+00:00")
@@ -39,7 +36,7 @@ def audit_line(event: str, fields: dict[str, Any], timestamp: str) -> str:
     for key, value in fields.items():
         if value is not None:
             record[key] = value
-    return _encode(record)
+    return json_text(record)
 
 
 def _open_private(path: Path) -> BinaryIO:
