@@ -212,7 +212,7 @@ async def test_agent_killed_mid_stream_gives_a_terminal_error_record(tmp_path) -
         running.shutdown.set()
 
 
-@pytest.mark.parametrize("when", ["mid-stream", "before-first-token"])
+@pytest.mark.parametrize("when", ["mid-stream", "before-first-token", "unstreamed"])
 async def test_client_disconnect_reaches_the_agent_as_model_cancel(when: str) -> None:
     async with trio.open_nursery() as nursery:
         running = await start_server(nursery)
@@ -223,9 +223,13 @@ async def test_client_disconnect_reaches_the_agent_as_model_cancel(when: str) ->
         hub = running.hub
         assert hub is not None
         await wait_until(lambda: hub.agents())
-        http = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body())
+        http = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body(stream=when != "unstreamed"))
         if when == "mid-stream":
             await http.read_until(b'"content":" there"')
+        elif when == "unstreamed":
+            # Nothing is written before the whole answer: the request waits on its client.
+            await wait_until(lambda: hub.in_flight() == 1)
+            assert http.received == b""
         else:
             await http.read_until(b"\r\n\r\n")  # headers only: the stream is open, no token yet
             await wait_until(lambda: hub.in_flight() == 1)
@@ -396,6 +400,67 @@ async def test_provider_and_agent_reconnect_when_the_external_bridge_restarts() 
         await nursery.start(run_bridge)
         await wait_until(lambda: bridge.agents())
         assert (await in_thread(client.chat.completions.create, model="echo", messages=USER)).choices[0].message.content == "hello there"
+        running.shutdown.set()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("queue", ["for an agent", "for a slot"])
+async def test_a_client_that_leaves_while_queued_leaves_the_queue(queue: str) -> None:
+    """A queued request is watched too: its client leaving takes it out of the queue, and its
+    agent never hears of it."""
+    limits = {"mcp.queue_limit": 4} if queue == "for an agent" else {"performance.max_concurrent_requests": 1, "performance.queue_timeout": 60}
+    settings = make_settings(**{"agents.echo.tokens": 1000, "agents.echo.delay_ms": 20, "agents.echo.max_concurrency": 1, **limits})
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, settings, agents=("echo",))
+        provider, hub = running.provider, running.hub
+        assert hub is not None
+
+        def waiting() -> int:
+            return hub.queued if queue == "for an agent" else provider.capacity.statistics().tasks_waiting
+
+        busy = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body())
+        await busy.read_until(b'"content"')
+        queued = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body(stream=False))
+        await wait_until(lambda: waiting() == 1)
+        await queued.hang_up()
+        await wait_until(lambda: waiting() == 0, timeout=5)
+        assert hub.in_flight() == 1 and len(provider.scopes) == 1  # only the busy stream
+        # Its slot freed, nothing else starts: the queued request is gone for good.
+        await busy.hang_up()
+        await wait_until(lambda: hub.in_flight() == 0 and not provider.scopes)
+        await trio.sleep(0.2)
+        assert hub.in_flight() == 0 and not provider.scopes and waiting() == 0
+        running.shutdown.set()
+
+
+async def test_an_agent_that_leaves_ends_an_unstreamed_request_at_once() -> None:
+    """An unstreamed request waits on its client, not on its reply channel: the agent leaving
+    must still wake it (agent_disconnected now, not a timeout later)."""
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery)
+        hub = running.hub
+        assert hub is not None
+        agent_scope = trio.CancelScope()
+
+        async def agent() -> None:
+            with agent_scope:
+                await run_agent(EchoAgent(tokens=1000, delay=30), running.bridge_url, BRIDGE_TOKEN)
+
+        nursery.start_soon(agent)
+        await wait_until(lambda: hub.agents())
+
+        async def leave_when_busy() -> None:
+            await wait_until(lambda: hub.in_flight() == 1)
+            agent_scope.cancel()
+
+        nursery.start_soon(leave_when_busy)
+        http = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body(stream=False))
+        with trio.fail_after(5):
+            raw = await http.read_all()
+        head, body = raw.split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 5")
+        assert json.loads(body)["error"]["code"] == "agent_disconnected"
+        await wait_until(lambda: not running.provider.scopes)
         running.shutdown.set()
         nursery.cancel_scope.cancel()
 

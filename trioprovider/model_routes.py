@@ -11,8 +11,9 @@ the reply on the wire.
 One request::
 
     ModelRoutes.__call__           Host/Origin (403), method (405), key (401), body (413, 408, 400)
-    └── nursery
-        ├── disconnect watcher     http.disconnect -> cancel the request (agent gets model_cancel)
+    └── cancel scope               cancelled when the client leaves (ClientWatch: the request
+        │                          task waits on its client while it has nothing else to do,
+        │                          a task watches while it waits in a queue or streams)
         └── (this task)            the route, then the answer: one body, or the agent's replies
                                    encoded and written as they come (RequestScope.stream), all
                                    that arrived during the previous write in the next one
@@ -29,6 +30,7 @@ import trio
 from hypercorn.typing import ASGIFramework, ASGIReceiveCallable, ASGISendCallable, Scope
 
 from trioprovider.auth import Principal
+from trioprovider.client_watch import ClientWatch
 from trioprovider.errors import ApiError, request_too_large
 from trioprovider.events import Event
 from trioprovider.incoming import Incoming
@@ -100,19 +102,16 @@ class ModelRoutes:
             return
         principal = provider.authenticate(incoming)
         body = parse_json(await self._read_body(incoming, receive))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            # Errors are answered in here: out of the nursery they would come wrapped in a group.
-            try:
-                reply = await route(provider, incoming, principal, body)
-            except ApiError as error:
-                await self._send_error(send, incoming, error)
+        with trio.CancelScope() as request:
+            # The client leaving cancels ``request`` (the agent gets model_cancel).
+            exchange = current_exchange()
+            if exchange is not None:
+                exchange.client = ClientWatch(receive, request)
+            reply = await route(provider, incoming, principal, body)
+            if isinstance(reply, StreamReply):
+                await self._stream(send, incoming, reply)
             else:
-                if isinstance(reply, StreamReply):
-                    await self._stream(send, incoming, reply)
-                else:
-                    await self._send_whole(send, incoming, 200, reply.headers, dumps(reply.body))
-            nursery.cancel_scope.cancel()
+                await self._send_whole(send, incoming, 200, reply.headers, dumps(reply.body))
 
     async def _read_body(self, incoming: Incoming, receive: ASGIReceiveCallable) -> bytes:
         """The whole body: 413 past ``provider.max_body_bytes`` (by its Content-Length before
@@ -178,10 +177,3 @@ class ModelRoutes:
     def _common_headers(self, incoming: Incoming, headers: dict[str, str]) -> dict[str, str]:
         """``headers`` with what every answer carries: its request id, and CORS for browsers."""
         return {**headers, "X-Request-Id": headers.get("X-Request-Id", incoming.request_id), **self.provider.cors_headers(incoming)}
-
-
-async def _cancel_on_disconnect(receive: ASGIReceiveCallable, request: trio.CancelScope) -> None:
-    """Stop the request when its client leaves (every message after the body is the disconnect)."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    request.cancel()

@@ -3,6 +3,7 @@ whether its Host and Origin may be served, who sent it, and whether it may run n
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -15,6 +16,7 @@ from trioprovider.admission import Admission, Gate
 from trioprovider.audit import AuditLog
 from trioprovider.auth import KeyMatch, KeyRing, Principal, presented_prefix
 from trioprovider.bridge.calls import Bridge, Resolution, catalog
+from trioprovider.client_watch import ClientWatch
 from trioprovider.config import Settings
 from trioprovider.errors import ApiError, model_not_found, no_agent, unauthorized
 from trioprovider.incoming import Incoming
@@ -55,6 +57,8 @@ class Exchange:
     status: int | None = None
     #: When the client's disconnect reached the app (trio time), if it came.
     disconnected_at: float | None = None
+    #: Who notices the client leaving a model request (set by the model routes).
+    client: ClientWatch | None = None
 
 
 request_exchange: ContextVar[Exchange | None] = ContextVar("trioprovider_exchange", default=None)
@@ -254,8 +258,20 @@ class Provider:
         try:
             self.capacity.acquire_on_behalf_of_nowait(slot)
         except trio.WouldBlock:
-            with trio.move_on_after(self.settings.performance.queue_timeout) as waited:
-                await self.capacity.acquire_on_behalf_of(slot)
+            exchange = current_exchange()
+            client = exchange.client if exchange is not None else None
+            acquired = False
+            try:
+                with trio.move_on_after(self.settings.performance.queue_timeout) as waited:
+                    # Queued: watch the client meanwhile, so one that leaves leaves the queue.
+                    async with client.watching() if client is not None else contextlib.nullcontext():
+                        await self.capacity.acquire_on_behalf_of(slot)
+                        acquired = True
+            except BaseException:
+                # The client left just as the slot came (the watcher's exit is a checkpoint).
+                if acquired:
+                    self.capacity.release_on_behalf_of(slot)
+                raise
             if waited.cancelled_caught:
                 raise ApiError(
                 503,

@@ -2,13 +2,18 @@
 
 Streamed or not, the agent stream runs in the task that answers the HTTP request: start the
 call, translate replies into events, enforce the deadlines, hand the events on, and on any way
-out send model_cancel (shielded, bounded). A streamed answer adds one task::
+out send model_cancel (shielded, bounded). A streamed answer adds two tasks::
 
     RequestScope.stream nursery
     ├── (request task)   agent stream: all the replies that have arrived, translated, to one
     │                    write; a Heartbeat while the agent is silent (streaming formats only)
-    └── client watch     a write that does not finish within CLIENT_STALL_TIMEOUT means the
-                         client stopped reading: release what the request holds, model_cancel
+    ├── stall watch      a write that does not finish within CLIENT_STALL_TIMEOUT means the
+    │                    client stopped reading: release what the request holds, model_cancel
+    └── hang-up watch    ClientWatch.until_left: the client left, cancel the request
+
+An answer that is not streamed adds none: while it waits for the agent's replies the request
+task waits on its client instead (:mod:`trioprovider.client_watch`), and the next reply's
+arrival ends that wait.
 
 Neither the rate meter nor the session watchdog is a task: the agent stream charges the meter
 per delta and the scope settles it when it closes (``settle`` refunds the unused reservation),
@@ -31,7 +36,8 @@ from typing import Protocol
 import trio
 
 from trioprovider.admission import Admission
-from trioprovider.bridge.calls import Bridge, Call, NoAgent, Overloaded
+from trioprovider.bridge.calls import Bridge, Call, NoAgent, Overloaded, QueuedWait
+from trioprovider.client_watch import ClientWatch
 from trioprovider.errors import ApiError
 from trioprovider.events import (
     DeltaEvent,
@@ -131,8 +137,13 @@ class RequestScope:
         deadlines: Deadlines = Deadlines(),
         heartbeat_interval: float | None = None,
         observer: ScopeObserver | None = None,
+        client: ClientWatch | None = None,
     ) -> None:
         self.bridge = bridge
+        #: The HTTP client, watched while the request waits (None: nobody to watch, as in
+        #: tests that drive a scope directly).
+        self.client = client
+        self._client_watched = False  # by a task of its own (stream)
         self.invoke = invoke
         self.admission = admission
         self.reservation = admission.reservation if admission is not None else None
@@ -198,6 +209,10 @@ class RequestScope:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._watch_client, writer)
+                if self.client is not None:
+                    # A stream writes while it waits: its client needs a watcher of its own.
+                    nursery.start_soon(self.client.until_left)
+                    self._client_watched = True
                 try:
                     await self._agent_stream(writer)
                 finally:
@@ -238,7 +253,7 @@ class RequestScope:
             try:
                 with self._agent_scope:
                     try:
-                        self._call = await self.bridge.start_call(self.invoke)
+                        self._call = await self.bridge.start_call(self.invoke, queued=self._unwatched_client_watching())
                     except NoAgent as error:
                         failure = ApiError(503, str(error), code="no_agent")
                     except Overloaded as error:
@@ -273,6 +288,18 @@ class RequestScope:
                 # agent add whatever else is ready now to the same write.
                 await trio.lowlevel.cancel_shielded_checkpoint()
                 replies += call.ready()
+            elif call.finished:
+                return
+            elif interval is None and self.client is not None and not self._client_watched:
+                # Nothing to do until a reply comes: wait on the client meanwhile (it may
+                # leave), and let the reply's arrival end that wait. No watcher task needed.
+                with trio.CancelScope() as waiting:
+                    call.wake_on_arrival(waiting.cancel)
+                    try:
+                        await self.client.until_left()
+                    finally:
+                        call.wake_on_arrival(None)
+                replies = call.ready()
             elif interval is None:
                 replies = await call.receive_batch()
             else:
@@ -311,6 +338,10 @@ class RequestScope:
             self._last_event_at = now
             if batch:
                 await events.put(batch)
+
+    def _unwatched_client_watching(self) -> QueuedWait | None:
+        """How to watch the client while queued for an agent, unless a task already does."""
+        return self.client.watching if self.client is not None and not self._client_watched else None
 
     async def _cancel_call(self, reason: str) -> None:
         """model_cancel to the agent if its answer has not ended (once; shielded, bounded)."""

@@ -12,8 +12,10 @@
         ├── HTTP: hypercorn.trio.serve(RequestGuard(ModelRoutes(Quart app)))   (http://127.0.0.1:8788)
         │     └── per connection → per request
         │           ├── model routes (model_routes.py): the request task runs the agent stream
-        │           │   and writes the answer itself; a disconnect watcher cancels it; a streamed
-        │           │   answer adds a client watch (a write stalled past CLIENT_STALL_TIMEOUT)
+        │           │   and writes the answer itself; the client hanging up cancels it (noticed
+        │           │   by the request task itself while it waits for a whole answer, by a task
+        │           │   while it is queued or streams: client_watch.py); a streamed answer also
+        │           │   has a stall watch (a write stalled past CLIENT_STALL_TIMEOUT)
         │           └── every other route: Quart-Trio (its own nursery, cancelled on disconnect)
         └── signal watcher                         (SIGINT/SIGTERM: drain; a second one: stop now)
 

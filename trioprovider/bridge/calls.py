@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import enum
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import trio
@@ -22,6 +23,10 @@ from trioprovider.protocol import (
 #: Bounded, so a slow client cannot grow memory; large enough that a momentary backlog (a busy
 #: CPU) never makes the reader wait, since while it waits every request on the connection does.
 REPLY_BUFFER = 256
+
+
+#: What a request waits inside while queued for an agent (see Bridge.start_call).
+QueuedWait = Callable[[], AbstractAsyncContextManager[None]]
 
 
 class Delivery(enum.Enum):
@@ -56,6 +61,7 @@ class Call:
         self._replies = replies
         self._cancel = cancel
         self.finished = False
+        self._wake: Callable[[], None] | None = None
 
     def __aiter__(self) -> Call:
         return self
@@ -91,6 +97,20 @@ class Call:
             batch.append(self._taken(reply))
         return batch
 
+    def wake_on_arrival(self, wake: Callable[[], None] | None) -> None:
+        """Call ``wake`` (once, in the deliverer's task) when the next reply arrives or no more
+        can come; None: forget it. For a requester that waits on something else meanwhile
+        (its client, see :mod:`trioprovider.client_watch`) and takes the replies with
+        :meth:`ready` once woken."""
+        self._wake = wake
+
+    def arrived(self) -> None:
+        """A reply was put in this call's channel, or the channel was closed (see CallTable)."""
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake()
+
     def _taken(self, reply: Reply) -> Reply:
         if isinstance(reply, (ModelResult, ModelError)):
             self.finished = True
@@ -114,10 +134,11 @@ class Call:
 
 
 class CallTable:
-    """The reply channels of the requests in flight on one connection, by request id."""
+    """The requests in flight on one connection, by request id: each call and the sending end
+    of its reply channel."""
 
     def __init__(self) -> None:
-        self._open: dict[str, trio.MemorySendChannel[Reply]] = {}
+        self._open: dict[str, tuple[trio.MemorySendChannel[Reply], Call]] = {}
 
     def __len__(self) -> int:
         return len(self._open)
@@ -125,30 +146,33 @@ class CallTable:
     def __contains__(self, request_id: str) -> bool:
         return request_id in self._open
 
-    def open(self, request_id: str) -> trio.MemoryReceiveChannel[Reply]:
+    def open(self, request_id: str, cancel: Callable[[str, str], Awaitable[None]]) -> Call:
+        """A new call; ``cancel(request_id, reason)`` tells the agent to stop."""
         if request_id in self._open:
             raise ValueError(f"request id {request_id!r} is already in flight")
         send, receive = trio.open_memory_channel[Reply](REPLY_BUFFER)
-        self._open[request_id] = send
-        return receive
+        call = Call(request_id, receive, cancel)
+        self._open[request_id] = (send, call)
+        return call
 
     def close(self, request_id: str) -> bool:
         """Forget a request; True if it was in flight (so the caller owns telling the agent)."""
-        send = self._open.pop(request_id, None)
-        if send is None:
+        entry = self._open.pop(request_id, None)
+        if entry is None:
             return False
-        send.close()
+        _close(*entry)
         return True
 
     def close_all(self) -> None:
-        for send in self._open.values():
-            send.close()
+        for entry in self._open.values():
+            _close(*entry)
         self._open.clear()
 
     async def deliver(self, reply: Reply, stall_timeout: float) -> Delivery:
-        send = self._open.get(reply.id)
-        if send is None:
+        entry = self._open.get(reply.id)
+        if entry is None:
             return Delivery.UNKNOWN
+        send, call = entry
         terminal = isinstance(reply, (ModelResult, ModelError))
         if terminal:
             del self._open[reply.id]
@@ -170,7 +194,13 @@ class CallTable:
         finally:
             if terminal:
                 send.close()
+            call.arrived()
         return Delivery.DELIVERED
+
+
+def _close(send: trio.MemorySendChannel[Reply], call: Call) -> None:
+    send.close()
+    call.arrived()
 
 
 class Resolution(enum.Enum):
@@ -223,8 +253,11 @@ class Bridge(Protocol):
         """True if a request for ``model`` would be refused as overloaded right now."""
         ...
 
-    async def start_call(self, invoke: ModelInvoke) -> Call:
-        """Send a request to an agent that serves its model; raises NoAgent or Overloaded."""
+    async def start_call(self, invoke: ModelInvoke, *, queued: QueuedWait | None = None) -> Call:
+        """Send a request to an agent that serves its model; raises NoAgent or Overloaded.
+
+        If the request has to wait in the queue for a free agent, it waits inside ``queued()``
+        (the requester's way to keep watching its client meanwhile)."""
         ...
 
     async def aclose(self) -> None:

@@ -7,6 +7,7 @@ provider does not even need a stream: it calls :meth:`BridgeHub.start_call` dire
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import itertools
 import logging
@@ -23,6 +24,7 @@ from trioprovider.bridge.calls import (
     Delivery,
     NoAgent,
     Overloaded,
+    QueuedWait,
     Resolution,
     iso_time,
     resolve,
@@ -149,10 +151,9 @@ class BridgeHub:
                 await self._membership_changed.wait()
         return bool(self._links)
 
-    async def start_call(self, invoke: ModelInvoke) -> Call:
-        link = await self._claim(invoke.model)
-        replies = link.calls.open(invoke.id)
-        call = Call(invoke.id, replies, partial(self._cancel, link))
+    async def start_call(self, invoke: ModelInvoke, *, queued: QueuedWait | None = None) -> Call:
+        link = await self._claim(invoke.model, queued)
+        call = link.calls.open(invoke.id, partial(self._cancel, link))
         try:
             await link.stream.send(invoke)
         except PeerClosed:
@@ -180,7 +181,7 @@ class BridgeHub:
             and self._queued >= self.queue_limit
         )
 
-    async def _claim(self, model: str) -> AgentLink:
+    async def _claim(self, model: str, queued_wait: QueuedWait | None = None) -> AgentLink:
         """An agent for ``model`` with a free slot, waiting (bounded by the queue) for one."""
         queued = False
         try:
@@ -198,7 +199,8 @@ class BridgeHub:
                         )
                     self._queued += 1
                     queued = True
-                await self._capacity_changed.wait()
+                async with queued_wait() if queued_wait is not None else contextlib.nullcontext():
+                    await self._capacity_changed.wait()
         finally:
             if queued:
                 self._queued -= 1

@@ -14,7 +14,7 @@ from typing import Any
 import trio
 import trio_websocket
 
-from trioprovider.bridge.calls import Call, CallTable, Delivery, NoAgent, Resolution, iso_time, resolve
+from trioprovider.bridge.calls import Call, CallTable, Delivery, NoAgent, QueuedWait, Resolution, iso_time, resolve
 from trioprovider.bridge.streams import (
     MessageStream,
     PeerClosed,
@@ -95,12 +95,13 @@ class RemoteBridge:
                 await self._changed.wait()
         return bool(self._agents)
 
-    async def start_call(self, invoke: ModelInvoke) -> Call:
+    async def start_call(self, invoke: ModelInvoke, *, queued: QueuedWait | None = None) -> Call:
+        # Nothing queues here: the bridge process queues a request its agents cannot take yet,
+        # while the requester waits for replies (watching its client as it does).
         stream = self._stream
         if stream is None:
             raise NoAgent(f"the bridge at {self.url} is unreachable ({self.problem})")
-        replies = self._calls.open(invoke.id)
-        call = Call(invoke.id, replies, partial(self._cancel, stream))
+        call = self._calls.open(invoke.id, partial(self._cancel, stream))
         try:
             await stream.send(invoke)
         except PeerClosed:

@@ -95,6 +95,7 @@ async def open_scope(
         deadlines=_deadlines(provider),
         heartbeat_interval=provider.settings.performance.heartbeat_interval if heartbeat else None,
         observer=provider,
+        client=exchange.client if (exchange := current_exchange()) is not None else None,
     )
     return scope, provider.response_headers(invoke.id, admission)
 
