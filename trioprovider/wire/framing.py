@@ -23,8 +23,14 @@ def _make_json_text() -> Callable[[Any], str]:
     make = getattr(json.encoder, "c_make_encoder", None)
     if make is None:  # an interpreter without the accelerator
         return _encoder.encode
-    encode = make(None, _encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
-    return lambda value: "".join(encode(value, 0))
+    quote = json.encoder.encode_basestring
+    encode = make(None, _encoder.default, quote, None, ":", ",", False, False, True)
+
+    def json_text(value: Any) -> str:
+        # A bare string (a streamed token's text) needs only its quoting, as encode() knows.
+        return quote(value) if value.__class__ is str else "".join(encode(value, 0))
+
+    return json_text
 
 
 #: Compact JSON text (not ASCII-escaped), e.g. ``{"a":1}``.
