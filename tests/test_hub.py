@@ -6,6 +6,8 @@ Time-dependent behaviour (queues, liveness) runs on the autojump clock: a test t
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import trio
 import trio.testing
@@ -13,7 +15,7 @@ import trio_websocket
 
 from trioprovider.agents.echo import EchoAgent, echo_text
 from trioprovider.agents.runner import AgentRejected, serve_agent
-from trioprovider.bridge.calls import REPLY_BUFFER, Call, NoAgent, Overloaded
+from trioprovider.bridge.calls import REPLY_BUFFER, Call, CallTable, Delivery, NoAgent, Overloaded
 from trioprovider.bridge.hub import BridgeHub
 from trioprovider.bridge.streams import PeerClosed, WebSocketMessageStream, local_stream_pair
 from trioprovider.protocol import (
@@ -313,34 +315,82 @@ async def test_an_agent_that_stops_answering_pings_is_dropped(autojump_clock: tr
 
 
 async def test_a_call_hands_over_what_has_arrived_without_waiting() -> None:
-    send, receive = trio.open_memory_channel[object](10)
+    table = CallTable()
     cancelled: list[str] = []
 
     async def cancel(request_id: str, reason: str) -> None:
         cancelled.append(reason)
 
-    call = Call("a", receive, cancel)  # type: ignore[arg-type]
+    call = table.open("a", cancel)
     assert call.ready() == []  # nothing yet: no wait, nothing taken
     chunks = [ModelStreamChunk(id="a", chunk={"delta": {"content": word}}) for word in ("x", "y")]
     for chunk in chunks:
-        send.send_nowait(chunk)
+        assert await table.deliver(chunk, 1.0) is Delivery.DELIVERED
     assert call.ready() == chunks
     result = ModelResult(id="a")
-    send.send_nowait(chunks[0])
-    send.send_nowait(result)
-    send.send_nowait(chunks[1])  # after the end: never handed over
+    await table.deliver(chunks[0], 1.0)
+    await table.deliver(result, 1.0)
+    assert await table.deliver(chunks[1], 1.0) is Delivery.UNKNOWN  # after the end: not in flight
     assert await call.receive_batch() == [chunks[0], result]
     assert call.finished and call.ready() == [] and await call.receive_batch() == []
+    assert "a" not in table
 
-    # The agent gone mid-answer (its channel closed): the last reply says so.
-    send, receive = trio.open_memory_channel[object](10)
-    left = Call("b", receive, cancel)  # type: ignore[arg-type]
-    send.send_nowait(ModelStreamChunk(id="b", chunk={"delta": {"content": "x"}}))
-    send.close()
+    # The agent gone mid-answer (the table closed): the last reply says so.
+    left = table.open("b", cancel)
+    await table.deliver(ModelStreamChunk(id="b", chunk={"delta": {"content": "x"}}), 1.0)
+    table.close_all()
     _, last = left.ready()
     assert isinstance(last, ModelError) and last.code == "agent_disconnected" and left.finished
     await left.cancel("client_disconnected")
     assert cancelled == []  # the answer had ended: nothing to cancel
+
+
+async def test_a_requester_waiting_for_a_reply_is_woken_by_it_or_by_the_agent_leaving() -> None:
+    table = CallTable()
+
+    async def cancel(request_id: str, reason: str) -> None:
+        pass
+
+    for agent_leaves in (False, True):
+        call = table.open("w", cancel)
+        woken: list[Any] = []
+
+        async def wait_for_it(call: Call = call) -> None:
+            woken.extend(await call.receive_batch())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(wait_for_it)
+            await trio.testing.wait_all_tasks_blocked()
+            assert woken == []
+            if agent_leaves:
+                table.close_all()
+            else:
+                await table.deliver(ModelResult(id="w"), 1.0)
+        assert len(woken) == 1 and call.finished
+        assert isinstance(woken[0], ModelError if agent_leaves else ModelResult)
+
+
+async def test_a_full_reply_buffer_holds_its_deliverer_until_the_requester_reads() -> None:
+    table = CallTable()
+
+    async def cancel(request_id: str, reason: str) -> None:
+        pass
+
+    call = table.open("f", cancel)
+    chunk = ModelStreamChunk(id="f", chunk={"delta": {"content": "x"}})
+    for _ in range(REPLY_BUFFER):
+        await table.deliver(chunk, 1.0)
+    outcome: list[Delivery] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: _deliver_into(table, chunk, outcome))
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome == []  # waiting for room
+        assert len(call.ready()) == REPLY_BUFFER
+    assert outcome == [Delivery.DELIVERED] and call.ready() == [chunk]
+
+
+async def _deliver_into(table: CallTable, reply: Any, outcome: list[Delivery]) -> None:
+    outcome.append(await table.deliver(reply, 10.0))
 
 
 async def test_a_stopping_agent_finishes_its_answer_and_gets_no_new_requests(autojump_clock: trio.testing.MockClock) -> None:

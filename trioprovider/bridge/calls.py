@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
@@ -49,18 +50,24 @@ class Call:
     Iterating yields replies until one ends the request. If the agent goes away first, the last
     reply is a synthetic ``model_error`` with code ``agent_disconnected``, so a requester never
     waits on a reply that cannot come.
+
+    The replies wait in a deque (at most :data:`REPLY_BUFFER`, see :meth:`CallTable.deliver`)
+    rather than a memory channel: every streamed token passes here, and a channel's send,
+    receive and empty-handed ``receive_nowait`` (an exception) cost more than the rest of the
+    hand-over. One requester reads; the connection's reader (or an in-process agent's task)
+    puts.
     """
 
-    def __init__(
-        self,
-        request_id: str,
-        replies: trio.MemoryReceiveChannel[Reply],
-        cancel: Callable[[str, str], Awaitable[None]],
-    ) -> None:
+    def __init__(self, request_id: str, cancel: Callable[[str, str], Awaitable[None]]) -> None:
         self.request_id = request_id
-        self._replies = replies
         self._cancel = cancel
+        #: The requester is done: it took the reply that ended the answer, or cancelled.
         self.finished = False
+        self._replies: deque[Reply] = deque()
+        #: No more replies will be put (the answer ended, or the agent left).
+        self._closed = False
+        self._arrival = trio.lowlevel.ParkingLot()  # the requester, waiting for a reply
+        self._space = trio.lowlevel.ParkingLot()  # deliverers, waiting for the requester
         self._wake: Callable[[], None] | None = None
 
     def __aiter__(self) -> Call:
@@ -69,11 +76,11 @@ class Call:
     async def __anext__(self) -> Reply:
         if self.finished:
             raise StopAsyncIteration
-        try:
-            reply = await self._replies.receive()
-        except (trio.EndOfChannel, trio.ClosedResourceError):
-            reply = self._agent_left()
-        return self._taken(reply)
+        if self._replies or self._closed:
+            await trio.lowlevel.checkpoint()
+        while not (self._replies or self._closed):
+            await self._arrival.park()
+        return self._next()
 
     async def receive_batch(self) -> list[Reply]:
         """The next replies: at least one, and every one that has arrived by then (several
@@ -87,14 +94,8 @@ class Call:
         """The replies that have arrived, without waiting: empty when none has (or the answer
         has ended). A reader that finds some needs no schedule point or timeout to take them."""
         batch: list[Reply] = []
-        while not self.finished:
-            try:
-                reply = self._replies.receive_nowait()
-            except trio.WouldBlock:
-                break
-            except (trio.EndOfChannel, trio.ClosedResourceError):
-                reply = self._agent_left()
-            batch.append(self._taken(reply))
+        while not self.finished and (self._replies or self._closed):
+            batch.append(self._next())
         return batch
 
     def wake_on_arrival(self, wake: Callable[[], None] | None) -> None:
@@ -104,18 +105,21 @@ class Call:
         :meth:`ready` once woken."""
         self._wake = wake
 
-    def arrived(self) -> None:
-        """A reply was put in this call's channel, or the channel was closed (see CallTable)."""
-        wake = self._wake
-        if wake is not None:
-            self._wake = None
-            wake()
-
-    def _taken(self, reply: Reply) -> Reply:
+    def _next(self) -> Reply:
+        if self._replies:
+            reply = self._replies.popleft()
+            if self._space:
+                self._space.unpark()
+        else:
+            reply = self._agent_left()
         if isinstance(reply, (ModelResult, ModelError)):
-            self.finished = True
-            self._replies.close()
+            self._done()
         return reply
+
+    def _done(self) -> None:
+        self.finished = True
+        self._replies.clear()
+        self._space.unpark_all()  # a deliverer waiting for room: nobody will read
 
     def _agent_left(self) -> ModelError:
         return ModelError(
@@ -128,17 +132,36 @@ class Call:
     async def cancel(self, reason: str) -> None:
         """Tell the agent to stop (once; a no-op after the answer ended)."""
         if not self.finished:
-            self.finished = True
-            self._replies.close()
+            self._done()
             await self._cancel(self.request_id, reason)
+
+    # -- the agent's side (see CallTable) ---------------------------------------------------
+
+    def _put(self, reply: Reply) -> None:
+        if not self.finished:
+            self._replies.append(reply)
+            self._arrived()
+
+    def _close(self) -> None:
+        """No more replies will come (after the last one, if any, has been taken)."""
+        if not self._closed:
+            self._closed = True
+            self._arrived()
+
+    def _arrived(self) -> None:
+        if self._arrival:
+            self._arrival.unpark()
+        wake = self._wake
+        if wake is not None:
+            self._wake = None
+            wake()
 
 
 class CallTable:
-    """The requests in flight on one connection, by request id: each call and the sending end
-    of its reply channel."""
+    """The requests in flight on one connection, by request id."""
 
     def __init__(self) -> None:
-        self._open: dict[str, tuple[trio.MemorySendChannel[Reply], Call]] = {}
+        self._open: dict[str, Call] = {}
 
     def __len__(self) -> int:
         return len(self._open)
@@ -150,57 +173,46 @@ class CallTable:
         """A new call; ``cancel(request_id, reason)`` tells the agent to stop."""
         if request_id in self._open:
             raise ValueError(f"request id {request_id!r} is already in flight")
-        send, receive = trio.open_memory_channel[Reply](REPLY_BUFFER)
-        call = Call(request_id, receive, cancel)
-        self._open[request_id] = (send, call)
+        call = self._open[request_id] = Call(request_id, cancel)
         return call
 
     def close(self, request_id: str) -> bool:
         """Forget a request; True if it was in flight (so the caller owns telling the agent)."""
-        entry = self._open.pop(request_id, None)
-        if entry is None:
+        call = self._open.pop(request_id, None)
+        if call is None:
             return False
-        _close(*entry)
+        call._close()
         return True
 
     def close_all(self) -> None:
-        for entry in self._open.values():
-            _close(*entry)
+        for call in self._open.values():
+            call._close()
         self._open.clear()
 
     async def deliver(self, reply: Reply, stall_timeout: float) -> Delivery:
-        entry = self._open.get(reply.id)
-        if entry is None:
+        call = self._open.get(reply.id)
+        if call is None:
             return Delivery.UNKNOWN
-        send, call = entry
         terminal = isinstance(reply, (ModelResult, ModelError))
         if terminal:
             del self._open[reply.id]
         try:
-            try:
-                send.send_nowait(reply)
-            except trio.WouldBlock:
+            if len(call._replies) >= REPLY_BUFFER:
                 # One stalled client must not stall every other request on this connection
-                # for long: wait a bounded time, then drop that request.
+                # for long: wait a bounded time for it to read, then drop that request.
                 with trio.move_on_after(stall_timeout):
-                    await send.send(reply)
-                    return Delivery.DELIVERED
-                self._open.pop(reply.id, None)
-                send.close()
-                return Delivery.STALLED
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            # The requester already left; its own cancel tells the agent.
-            return Delivery.DELIVERED
+                    while len(call._replies) >= REPLY_BUFFER and not call.finished:
+                        await call._space.park()
+                if len(call._replies) >= REPLY_BUFFER and not call.finished:
+                    self._open.pop(reply.id, None)
+                    call._close()
+                    return Delivery.STALLED
+            # A requester that already left drops it; its own cancel tells the agent.
+            call._put(reply)
         finally:
             if terminal:
-                send.close()
-            call.arrived()
+                call._close()
         return Delivery.DELIVERED
-
-
-def _close(send: trio.MemorySendChannel[Reply], call: Call) -> None:
-    send.close()
-    call.arrived()
 
 
 class Resolution(enum.Enum):
