@@ -272,7 +272,8 @@ class Provider:
                 if acquired:
                     self.capacity.release_on_behalf_of(slot)
                 raise
-            if waited.cancelled_caught:
+            # (The queue timeout may also strike just as the slot came: then it is served.)
+            if waited.cancelled_caught and not acquired:
                 raise ApiError(
                 503,
                 f"{self.capacity.total_tokens} requests are running (performance.max_concurrent_requests); "
