@@ -389,6 +389,41 @@ async def test_a_full_reply_buffer_holds_its_deliverer_until_the_requester_reads
     assert outcome == [Delivery.DELIVERED] and call.ready() == [chunk]
 
 
+async def test_a_call_let_go_from_elsewhere_frees_whoever_waits_on_it() -> None:
+    table = CallTable()
+
+    async def cancel(request_id: str, reason: str) -> None:
+        pass
+
+    # A requester waiting for a reply while its call is cancelled from another task.
+    waiting = table.open("r", cancel)
+    got: list[Any] = []
+
+    async def read(call: Call = waiting) -> None:
+        got.append(await call.receive_batch())
+
+    with trio.fail_after(1):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            await trio.testing.wait_all_tasks_blocked()
+            await waiting.cancel("client_disconnected")
+    assert got == [[]]
+
+    # A deliverer waiting for room while the table lets the call go (its agent left).
+    full = table.open("f", cancel)
+    chunk = ModelStreamChunk(id="f", chunk={"delta": {"content": "x"}})
+    for _ in range(REPLY_BUFFER):
+        await table.deliver(chunk, 1.0)
+    outcome: list[Delivery] = []
+    with trio.fail_after(1):  # not the 10 s stall timeout
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_deliver_into, table, chunk, outcome)
+            await trio.testing.wait_all_tasks_blocked()
+            table.close_all()
+    assert outcome == [Delivery.DELIVERED]
+    assert len(full.ready()) == REPLY_BUFFER + 1  # what was there, then agent_disconnected
+
+
 async def _deliver_into(table: CallTable, reply: Any, outcome: list[Delivery]) -> None:
     outcome.append(await table.deliver(reply, 10.0))
 

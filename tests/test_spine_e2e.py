@@ -433,6 +433,25 @@ async def test_a_client_that_leaves_while_queued_leaves_the_queue(queue: str) ->
         running.shutdown.set()
 
 
+async def test_a_client_that_gives_up_waiting_for_an_agent_is_never_sent_to_one() -> None:
+    async with trio.open_nursery() as nursery:
+        running = await start_server(nursery, make_settings(**{"mcp.agent_wait_timeout": 30}))
+        hub = running.hub
+        assert hub is not None
+        http = await RawHTTP.post(running.provider_url, "/v1/chat/completions", chat_body(stream=False))
+        await trio.sleep(0.3)  # waiting for an agent to connect
+        await http.hang_up()
+        await trio.sleep(0.3)
+        agent = EchoAgent(tokens=1000, delay=30)
+        nursery.start_soon(partial(run_agent, agent, running.bridge_url, BRIDGE_TOKEN, reconnect_delay=0.1))
+        await wait_until(lambda: hub.agents())
+        await trio.sleep(0.5)
+        # It left while waiting: no request reached the agent, not even one cancelled at once.
+        assert hub.in_flight() == 0 and agent.cancelled == [] and not running.provider.scopes
+        running.shutdown.set()
+        nursery.cancel_scope.cancel()
+
+
 async def test_an_agent_that_leaves_ends_an_unstreamed_request_at_once() -> None:
     """An unstreamed request waits on its client, not on its reply channel: the agent leaving
     must still wake it (agent_disconnected now, not a timeout later)."""

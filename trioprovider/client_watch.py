@@ -8,8 +8,8 @@ waits there itself whenever it can:
 - an unstreamed request, while the agent writes its answer, has nothing to do but wait: it
   waits on the client (:meth:`ClientWatch.until_left`) in a cancel scope that the agent's next
   reply cancels (:meth:`~trioprovider.bridge.calls.Call.wake_on_arrival`);
-- a request waiting for something else (a slot in a queue) has a task watch meanwhile
-  (:meth:`ClientWatch.watching`);
+- a request waiting for something else (an agent to connect, a slot in a queue) has a task
+  watch meanwhile (:meth:`ClientWatch.watching`);
 - a streamed request, which writes while it waits, runs :meth:`ClientWatch.until_left` in a
   task beside the stream for as long as the stream lasts.
 

@@ -233,7 +233,11 @@ class Provider:
         """Return if ``model`` can be served now; 404 if unknown, 503 if no agent turns up."""
         resolution = self.bridge.resolve(model)
         if resolution is Resolution.NO_AGENTS:
-            await self.bridge.wait_for_agents(self.settings.mcp.agent_wait_timeout)
+            exchange = current_exchange()
+            client = exchange.client if exchange is not None else None
+            # Waiting for an agent to connect: watch the client meanwhile (it may give up).
+            async with client.watching() if client is not None else contextlib.nullcontext():
+                await self.bridge.wait_for_agents(self.settings.mcp.agent_wait_timeout)
             resolution = self.bridge.resolve(model)
         if resolution is Resolution.NO_AGENTS:
             raise no_agent(model, self.bridge_url)

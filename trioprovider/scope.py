@@ -21,7 +21,7 @@ and the session calls the scope's :meth:`~RequestScope.cancel` when it expires o
 (a watcher registered for as long as the agent stream runs). Neither needs scheduling.
 
 There is no task between the agent's replies and the client's socket: the replies wait in the
-call's channel while the previous write goes out, and the next write takes all of them
+call (:class:`~trioprovider.bridge.calls.Call`) while the previous write goes out, and the next write takes all of them
 (chunks that are ready together share a write; a lone chunk is written at once).
 """
 
@@ -308,7 +308,7 @@ class RequestScope:
                     replies = await call.receive_batch()
                 if not replies and not call.finished:
                     # The agent was silent for a heartbeat interval (a cancelled wait for the
-                    # next replies loses none: they stay in the call's channel).
+                    # next replies loses none: they stay in the call).
                     self._last_event_at = trio.current_time()
                     await events.put([Heartbeat()])
                     continue

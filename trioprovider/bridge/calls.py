@@ -78,16 +78,19 @@ class Call:
             raise StopAsyncIteration
         if self._replies or self._closed:
             await trio.lowlevel.checkpoint()
-        while not (self._replies or self._closed):
+        while not (self._replies or self._closed or self.finished):
             await self._arrival.park()
+        if self.finished:  # cancelled meanwhile (from another task)
+            raise StopAsyncIteration
         return self._next()
 
     async def receive_batch(self) -> list[Reply]:
         """The next replies: at least one, and every one that has arrived by then (several
         chunks can then share one write to the client); empty once the answer has ended."""
-        if self.finished:
+        try:
+            first = await self.__anext__()
+        except StopAsyncIteration:
             return []
-        first = await self.__anext__()
         return [first, *self.ready()]
 
     def ready(self) -> list[Reply]:
@@ -120,6 +123,7 @@ class Call:
         self.finished = True
         self._replies.clear()
         self._space.unpark_all()  # a deliverer waiting for room: nobody will read
+        self._arrived()  # a reader waiting (cancel() called from another task): nothing comes
 
     def _agent_left(self) -> ModelError:
         return ModelError(
@@ -146,6 +150,7 @@ class Call:
         """No more replies will come (after the last one, if any, has been taken)."""
         if not self._closed:
             self._closed = True
+            self._space.unpark_all()  # a deliverer waiting for room: the call is let go
             self._arrived()
 
     def _arrived(self) -> None:
@@ -201,8 +206,10 @@ class CallTable:
                 # One stalled client must not stall every other request on this connection
                 # for long: wait a bounded time for it to read, then drop that request.
                 with trio.move_on_after(stall_timeout):
-                    while len(call._replies) >= REPLY_BUFFER and not call.finished:
+                    while len(call._replies) >= REPLY_BUFFER and not (call.finished or call._closed):
                         await call._space.park()
+                if call._closed:
+                    return Delivery.DELIVERED  # let go meanwhile (cancelled, or its agent left)
                 if len(call._replies) >= REPLY_BUFFER and not call.finished:
                     self._open.pop(reply.id, None)
                     call._close()
