@@ -9,7 +9,7 @@ waits there itself whenever it can:
   waits on the client (:meth:`ClientWatch.until_left`) in a cancel scope that the agent's next
   reply cancels (:meth:`~trioprovider.bridge.calls.Call.wake_on_arrival`);
 - a request waiting for something else (an agent to connect, a slot in a queue) has a task
-  watch meanwhile (:meth:`ClientWatch.watching`);
+  watch meanwhile (:meth:`ClientWatch.watched`);
 - a streamed request, which writes while it waits, runs :meth:`ClientWatch.until_left` in a
   task beside the stream for as long as the stream lasts.
 
@@ -19,8 +19,7 @@ what the request held is released.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import NoReturn
 
 import trio
@@ -50,11 +49,18 @@ class ClientWatch:
         await trio.lowlevel.checkpoint()
         raise AssertionError("the request's scope has exited: until_left was awaited outside it")
 
-    @asynccontextmanager
-    async def watching(self) -> AsyncIterator[None]:
-        """Watch the client from a task for as long as the block runs (a wait for something
-        other than the client: a queue)."""
+    async def watched(self, wait: Callable[[], Awaitable[object]]) -> None:
+        """Await ``wait()`` (a wait for something other than the client: a queue, an agent to
+        connect) with a task watching the client meanwhile."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.until_left)
-            yield
+            await wait()
             nursery.cancel_scope.cancel()
+
+
+async def watched(client: ClientWatch | None, wait: Callable[[], Awaitable[object]]) -> None:
+    """``client.watched(wait)``, or just ``wait()`` when there is no client to watch."""
+    if client is None:
+        await wait()
+    else:
+        await client.watched(wait)

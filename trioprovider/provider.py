@@ -3,12 +3,12 @@ whether its Host and Origin may be served, who sent it, and whether it may run n
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -16,7 +16,7 @@ from trioprovider.admission import Admission, Gate
 from trioprovider.audit import AuditLog
 from trioprovider.auth import KeyMatch, KeyRing, Principal, presented_prefix
 from trioprovider.bridge.calls import Bridge, Resolution, catalog
-from trioprovider.client_watch import ClientWatch
+from trioprovider.client_watch import ClientWatch, watched
 from trioprovider.config import Settings
 from trioprovider.errors import ApiError, model_not_found, no_agent, unauthorized
 from trioprovider.incoming import Incoming
@@ -66,6 +66,12 @@ request_exchange: ContextVar[Exchange | None] = ContextVar("trioprovider_exchang
 
 def current_exchange() -> Exchange | None:
     return request_exchange.get()
+
+
+def current_client() -> ClientWatch | None:
+    """The client of the model request being handled, if the model routes are watching it."""
+    exchange = request_exchange.get()
+    return exchange.client if exchange is not None else None
 
 
 #: The HTTP request being handled (set around each request by :class:`~trioprovider.guard.RequestGuard`).
@@ -233,11 +239,8 @@ class Provider:
         """Return if ``model`` can be served now; 404 if unknown, 503 if no agent turns up."""
         resolution = self.bridge.resolve(model)
         if resolution is Resolution.NO_AGENTS:
-            exchange = current_exchange()
-            client = exchange.client if exchange is not None else None
             # Waiting for an agent to connect: watch the client meanwhile (it may give up).
-            async with client.watching() if client is not None else contextlib.nullcontext():
-                await self.bridge.wait_for_agents(self.settings.mcp.agent_wait_timeout)
+            await watched(current_client(), partial(self.bridge.wait_for_agents, self.settings.mcp.agent_wait_timeout))
             resolution = self.bridge.resolve(model)
         if resolution is Resolution.NO_AGENTS:
             raise no_agent(model, self.bridge_url)
@@ -262,15 +265,17 @@ class Provider:
         try:
             self.capacity.acquire_on_behalf_of_nowait(slot)
         except trio.WouldBlock:
-            exchange = current_exchange()
-            client = exchange.client if exchange is not None else None
             acquired = False
+
+            async def acquire() -> None:
+                nonlocal acquired
+                await self.capacity.acquire_on_behalf_of(slot)
+                acquired = True
+
             try:
                 with trio.move_on_after(self.settings.performance.queue_timeout) as waited:
                     # Queued: watch the client meanwhile, so one that leaves leaves the queue.
-                    async with client.watching() if client is not None else contextlib.nullcontext():
-                        await self.capacity.acquire_on_behalf_of(slot)
-                        acquired = True
+                    await watched(current_client(), acquire)
             except BaseException:
                 # The client left just as the slot came (the watcher's exit is a checkpoint).
                 if acquired:

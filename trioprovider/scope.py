@@ -253,7 +253,7 @@ class RequestScope:
             try:
                 with self._agent_scope:
                     try:
-                        self._call = await self.bridge.start_call(self.invoke, queued=self._unwatched_client_watching())
+                        self._call = await self.bridge.start_call(self.invoke, queued=self._watch_while_queued())
                     except NoAgent as error:
                         failure = ApiError(503, str(error), code="no_agent")
                     except Overloaded as error:
@@ -339,9 +339,9 @@ class RequestScope:
             if batch:
                 await events.put(batch)
 
-    def _unwatched_client_watching(self) -> QueuedWait | None:
+    def _watch_while_queued(self) -> QueuedWait | None:
         """How to watch the client while queued for an agent, unless a task already does."""
-        return self.client.watching if self.client is not None and not self._client_watched else None
+        return self.client.watched if self.client is not None and not self._client_watched else None
 
     async def _cancel_call(self, reason: str) -> None:
         """model_cancel to the agent if its answer has not ended (once; shielded, bounded)."""

@@ -6,7 +6,6 @@ import datetime as dt
 import enum
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import trio
@@ -26,8 +25,8 @@ from trioprovider.protocol import (
 REPLY_BUFFER = 256
 
 
-#: What a request waits inside while queued for an agent (see Bridge.start_call).
-QueuedWait = Callable[[], AbstractAsyncContextManager[None]]
+#: How a request waits while queued for an agent (see Bridge.start_call): it is handed the wait.
+QueuedWait = Callable[[Callable[[], Awaitable[None]]], Awaitable[None]]
 
 
 class Delivery(enum.Enum):
@@ -141,10 +140,21 @@ class Call:
 
     # -- the agent's side (see CallTable) ---------------------------------------------------
 
-    def _put(self, reply: Reply) -> None:
-        if not self.finished:
+    async def _offer(self, reply: Reply, stall_timeout: float) -> bool:
+        """Put ``reply``, waiting up to ``stall_timeout`` for room; False if there was none
+        (the requester stopped reading). Dropped if the call was let go meanwhile."""
+        if len(self._replies) >= REPLY_BUFFER:
+            with trio.move_on_after(stall_timeout):
+                while len(self._replies) >= REPLY_BUFFER and not (self.finished or self._closed):
+                    await self._space.park()
+            if self._closed:
+                return True  # let go meanwhile (cancelled, or its agent left)
+            if len(self._replies) >= REPLY_BUFFER and not self.finished:
+                return False
+        if not self.finished:  # a requester that already left drops it
             self._replies.append(reply)
             self._arrived()
+        return True
 
     def _close(self) -> None:
         """No more replies will come (after the last one, if any, has been taken)."""
@@ -202,20 +212,12 @@ class CallTable:
         if terminal:
             del self._open[reply.id]
         try:
-            if len(call._replies) >= REPLY_BUFFER:
-                # One stalled client must not stall every other request on this connection
-                # for long: wait a bounded time for it to read, then drop that request.
-                with trio.move_on_after(stall_timeout):
-                    while len(call._replies) >= REPLY_BUFFER and not (call.finished or call._closed):
-                        await call._space.park()
-                if call._closed:
-                    return Delivery.DELIVERED  # let go meanwhile (cancelled, or its agent left)
-                if len(call._replies) >= REPLY_BUFFER and not call.finished:
-                    self._open.pop(reply.id, None)
-                    call._close()
-                    return Delivery.STALLED
-            # A requester that already left drops it; its own cancel tells the agent.
-            call._put(reply)
+            # One stalled client must not stall every other request on this connection for
+            # long: its call waits a bounded time for room, then the request is dropped.
+            if not await call._offer(reply, stall_timeout):
+                self._open.pop(reply.id, None)
+                call._close()
+                return Delivery.STALLED
         finally:
             if terminal:
                 call._close()
@@ -275,8 +277,8 @@ class Bridge(Protocol):
     async def start_call(self, invoke: ModelInvoke, *, queued: QueuedWait | None = None) -> Call:
         """Send a request to an agent that serves its model; raises NoAgent or Overloaded.
 
-        If the request has to wait in the queue for a free agent, it waits inside ``queued()``
-        (the requester's way to keep watching its client meanwhile)."""
+        If the request has to wait in the queue for a free agent, the wait goes through
+        ``queued(wait)`` (the requester's way to keep watching its client meanwhile)."""
         ...
 
     async def aclose(self) -> None:

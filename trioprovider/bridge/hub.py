@@ -7,7 +7,6 @@ provider does not even need a stream: it calls :meth:`BridgeHub.start_call` dire
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import itertools
 import logging
@@ -199,8 +198,10 @@ class BridgeHub:
                         )
                     self._queued += 1
                     queued = True
-                async with queued_wait() if queued_wait is not None else contextlib.nullcontext():
+                if queued_wait is None:
                     await self._capacity_changed.wait()
+                else:
+                    await queued_wait(self._capacity_changed.wait)
         finally:
             if queued:
                 self._queued -= 1

@@ -18,7 +18,7 @@ from trioprovider.auth import Principal
 from trioprovider.errors import ApiError
 from trioprovider.incoming import Incoming
 from trioprovider.protocol import ModelInvoke
-from trioprovider.provider import Provider, current_exchange
+from trioprovider.provider import Provider, current_client, current_exchange
 from trioprovider.scope import Deadlines, RequestScope, WireEncoder
 from trioprovider.tokens import estimate_prompt_tokens
 from trioprovider.validation import SizeLimits, check_sizes
@@ -95,7 +95,7 @@ async def open_scope(
         deadlines=_deadlines(provider),
         heartbeat_interval=provider.settings.performance.heartbeat_interval if heartbeat else None,
         observer=provider,
-        client=exchange.client if (exchange := current_exchange()) is not None else None,
+        client=current_client(),
     )
     return scope, provider.response_headers(invoke.id, admission)
 
