@@ -279,18 +279,26 @@ class RequestScope:
 
     async def _relay(self, call: Call, events: EventSink) -> None:
         interval = self.heartbeat_interval
+        yielded = False  # since the last replies were taken
         while True:
             await trio.lowlevel.checkpoint_if_cancelled()
             replies = call.ready()
             if replies:
-                # Replies came during the last write: no heartbeat timeout (a cancel scope) is
-                # needed to take them. One schedule point, as a wait would have been, lets the
-                # agent add whatever else is ready now to the same write.
-                await trio.lowlevel.cancel_shielded_checkpoint()
-                replies += call.ready()
+                if not call.finished:
+                    # Replies came during the last write: no heartbeat timeout (a cancel scope)
+                    # is needed to take them. One schedule point, as a wait would have been,
+                    # lets the agent add whatever else is ready now to the same write.
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    replies += call.ready()
             elif call.finished:
                 return
             elif interval is None and self.client is not None and not self._client_watched:
+                if not yielded:
+                    # An agent that answers at once has its reply in by the next schedule
+                    # point: one costs less than setting up the wait on the client below.
+                    yielded = True
+                    await trio.lowlevel.cancel_shielded_checkpoint()
+                    continue
                 # Nothing to do until a reply comes: wait on the client meanwhile (it may
                 # leave), and let the reply's arrival end that wait. No watcher task needed.
                 with trio.CancelScope() as waiting:
@@ -314,6 +322,7 @@ class RequestScope:
                     continue
             if not replies:
                 return
+            yielded = False
             now = trio.current_time()
             if self.first_event_at is None:
                 self.first_event_at = now
