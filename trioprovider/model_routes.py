@@ -101,9 +101,14 @@ class ModelRoutes:
             await self._answer_other_method(send, incoming)
             return
         principal = provider.authenticate(incoming)
-        body = parse_json(await self._read_body(incoming, receive))
-        with trio.CancelScope() as request:
-            # The client leaving cancels ``request`` (the agent gets model_cancel).
+        body_timeout = provider.settings.provider.body_timeout or math.inf
+        # One scope for the whole request: while the body arrives its deadline is the body
+        # timeout (a scope of its own for that cost as much as the route's own work); after,
+        # only the client leaving cancels it (the agent gets model_cancel).
+        with trio.CancelScope(deadline=trio.current_time() + body_timeout) as request:
+            raw_body = await self._read_body(incoming, receive)
+            request.deadline = math.inf
+            body = parse_json(raw_body)
             exchange = current_exchange()
             if exchange is not None:
                 exchange.client = ClientWatch(receive, request)
@@ -112,31 +117,29 @@ class ModelRoutes:
                 await self._stream(send, incoming, reply)
             else:
                 await self._send_whole(send, incoming, 200, reply.headers, dumps(reply.body))
+        if request.cancelled_caught and request.deadline != math.inf:
+            raise ApiError(408, "The request body did not arrive in time (provider.body_timeout).", code="request_timeout")
 
     async def _read_body(self, incoming: Incoming, receive: ASGIReceiveCallable) -> bytes:
         """The whole body: 413 past ``provider.max_body_bytes`` (by its Content-Length before
-        reading a byte), 408 if it takes longer than ``provider.body_timeout``."""
-        settings = self.provider.settings.provider
-        limit = settings.max_body_bytes
+        reading a byte). The caller bounds the wait (``provider.body_timeout``)."""
+        limit = self.provider.settings.provider.max_body_bytes
         declared = incoming.header("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise request_too_large(limit)
         chunks: list[bytes] = []
         size = 0
-        with trio.move_on_after(settings.body_timeout or math.inf) as waited:
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    raise ClientLeft
-                chunk = cast(bytes, message.get("body", b""))
-                size += len(chunk)
-                if size > limit:
-                    raise request_too_large(limit)
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-        if waited.cancelled_caught:
-            raise ApiError(408, "The request body did not arrive in time (provider.body_timeout).", code="request_timeout")
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientLeft
+            chunk = cast(bytes, message.get("body", b""))
+            size += len(chunk)
+            if size > limit:
+                raise request_too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _stream(self, send: ASGISendCallable, incoming: Incoming, reply: StreamReply) -> None:
