@@ -4,9 +4,11 @@ server, and the ``/dashboard`` page in headless Chromium."""
 from __future__ import annotations
 
 import collections
+import math
 import re
 import shutil
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from html.parser import HTMLParser
@@ -16,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
 from support import (
@@ -44,6 +47,7 @@ from trioprovider.metrics import (
 )
 from trioprovider.routes.metrics import wants_json
 from trioprovider.server import Running
+from trioprovider.tallies import CounterTally, HistogramTally
 from trioprovider.tokens import estimate_prompt_tokens
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -112,6 +116,43 @@ def test_outcomes_and_cancel_reasons() -> None:
         assert outcome_kind(stopped) == "cancelled"
     assert cancel_reason("cancelled") == "client_disconnected"
     assert cancel_reason("deadline") == "deadline"
+
+
+def test_tallies_read_as_the_client_librarys_own_counter_and_histogram() -> None:
+    """Same samples, same values, same names as prometheus_client's Counter and Histogram."""
+    registry = CollectorRegistry()
+    counter = Counter("demo_requests", "Requests.", ["route"], registry=registry)
+    histogram = Histogram("demo_seconds", "Durations.", ["route"], buckets=(0.1, 1, math.inf), registry=registry)
+    plain = Histogram("demo_cancel_seconds", "No labels.", buckets=(0.5, math.inf), registry=registry)
+    counts = CounterTally("demo_requests", "Requests.", ["route"], clock=lambda: 5.0)
+    durations = HistogramTally("demo_seconds", "Durations.", ["route"], (0.1, 1, math.inf), clock=lambda: 5.0)
+    unlabelled = HistogramTally("demo_cancel_seconds", "No labels.", [], (0.5, math.inf), clock=lambda: 5.0)
+    for route, seconds in [("/a", 0.05), ("/a", 0.1), ("/a", 0.7), ("/b", 3.0), ("/a", 1.0)]:
+        counter.labels(route).inc(2)
+        counts.inc((route,), 2)
+        histogram.labels(route).observe(seconds)
+        durations.observe((route,), seconds)
+    plain.observe(0.7)
+    unlabelled.observe((), 0.7)
+
+    def samples(metrics: Iterable[Any]) -> set[tuple[str, tuple[tuple[str, str], ...], float]]:
+        return {
+            (sample.name, tuple(sorted(sample.labels.items())), sample.value if not sample.name.endswith("_created") else 5.0)
+            for metric in metrics
+            for sample in metric.samples
+        }
+
+    theirs = {metric.name: metric for metric in registry.collect()}
+    for ours in (counts.family(), durations.family(), unlabelled.family()):
+        assert (ours.name, ours.type, ours.documentation) == (theirs[ours.name].name, theirs[ours.name].type, theirs[ours.name].documentation)
+        assert samples([ours]) == samples([theirs[ours.name]])
+    # A value on a bound falls in that bucket (le: less than or equal).
+    assert ("demo_seconds_bucket", (("le", "0.1"), ("route", "/a")), 2) in samples([durations.family()])
+    # Without labels, its one series is there before the first observation.
+    fresh = HistogramTally("demo_idle_seconds", "Idle.", [], (1, math.inf)).family()
+    assert {(sample.name, sample.value) for sample in fresh.samples if sample.name != "demo_idle_seconds_created"} == {
+        ("demo_idle_seconds_bucket", 0), ("demo_idle_seconds_count", 0), ("demo_idle_seconds_sum", 0.0)
+    }
 
 
 def test_format_negotiation() -> None:

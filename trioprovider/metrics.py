@@ -8,8 +8,9 @@ Fed by a few hooks, each called once per HTTP request or model request (never pe
   first token, and for a stopped request how long its ``model_cancel`` took to go out);
 - :meth:`Metrics.model_request_refused`: refused before it ran (429 rate limits, 503, ...).
 
-What is a state rather than an event (sessions, streams, agents) is read at scrape time from a
-:class:`Live` snapshot. Each Provider has its own ``CollectorRegistry``: several servers run in
+The counters and histograms the hooks feed are plain numbers (:mod:`trioprovider.tallies`), made
+into Prometheus families at scrape time; what is a state rather than an event (sessions,
+streams, agents) is read at scrape time from a :class:`Live` snapshot. Each Provider has its own ``CollectorRegistry``: several servers run in
 one test process, and the global registry would mix them up.
 
 The pure cores (:func:`percentile`, :class:`LatencyWindow`, :class:`RateMeter`, :class:`CpuMeter`)
@@ -28,14 +29,14 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
+from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from trioprovider.protocol import AgentInfo
 from trioprovider.scope import RequestScope
+from trioprovider.tallies import CounterTally, HistogramTally
 
 #: Model requests whose latencies the JSON percentiles are computed from.
 WINDOW_SIZE = 1000
@@ -210,6 +211,17 @@ class _Totals:
     by_reason: dict[str, int] = field(default_factory=dict)
 
 
+class _TallyCollector(Collector):
+    """The request path's counters and histograms, as metric families (at scrape time)."""
+
+    def __init__(self, tallies: Sequence[CounterTally | HistogramTally]) -> None:
+        self.tallies = tallies
+
+    def collect(self) -> Iterator[Metric]:
+        for tally in self.tallies:
+            yield tally.family()
+
+
 class _LiveCollector(Collector):
     """The gauges (and session counters) that are read from the provider at scrape time."""
 
@@ -254,62 +266,69 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.started_at = time.monotonic()
         r = self.registry
-        self._http_requests = Counter(
+        self._http_requests = CounterTally(
             "trioprovider_http_requests",
             "HTTP requests answered, by method, route template and status.",
             ["method", "route", "status"],
-            registry=r,
         )
-        self._http_duration = Histogram(
+        self._http_duration = HistogramTally(
             "trioprovider_http_request_duration_seconds",
             "HTTP request duration to the last byte of the answer, by route template.",
             ["route"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
         )
-        self._model_requests = Counter(
+        self._model_requests = CounterTally(
             "trioprovider_model_requests",
             "Model requests by outcome: completed, failed, cancelled, rate_limited, refused.",
             ["model", "outcome"],
-            registry=r,
         )
-        self._model_duration = Histogram(
+        self._model_duration = HistogramTally(
             "trioprovider_model_request_duration_seconds",
             "Model request duration, from admission to the agent's last reply.",
             ["model"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
         )
-        self._first_token = Histogram(
+        self._first_token = HistogramTally(
             "trioprovider_time_to_first_token_seconds",
             "From admission to the agent's first reply.",
             ["model"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
         )
-        self._tokens = Counter(
+        self._tokens = CounterTally(
             "trioprovider_tokens",
             "Tokens processed: input (prompt) and output (completion).",
             ["model", "direction"],
-            registry=r,
         )
-        self._cancellations = Counter(
+        self._cancellations = CounterTally(
             "trioprovider_cancellations",
             "Model requests stopped before their answer ended, by reason (model_cancel's reason).",
             ["reason"],
-            registry=r,
         )
-        self._cancel_latency = Histogram(
+        self._cancel_latency = HistogramTally(
             "trioprovider_cancel_propagation_seconds",
             "From the client's disconnect (or the request starting to stop) to model_cancel sent to the agent.",
-            buckets=CANCEL_BUCKETS,
-            registry=r,
+            [],
+            CANCEL_BUCKETS,
         )
-        self._rate_limited = Counter(
+        self._rate_limited = CounterTally(
             "trioprovider_rate_limited_requests",
             "Model requests refused with 429, by limit.",
             ["limit"],
-            registry=r,
+        )
+        r.register(
+            _TallyCollector(
+                [
+                    self._http_requests,
+                    self._http_duration,
+                    self._model_requests,
+                    self._model_duration,
+                    self._first_token,
+                    self._tokens,
+                    self._cancellations,
+                    self._cancel_latency,
+                    self._rate_limited,
+                ]
+            )
         )
         ProcessCollector(registry=r)
         r.register(_LiveCollector(live))
@@ -320,9 +339,6 @@ class Metrics:
         self._request_rate = RateMeter(start=self.started_at)
         self._token_rate = RateMeter(start=self.started_at)
         self._cpu = CpuMeter(self.started_at, time.process_time())
-        # Label children looked up once: .labels() takes a lock and builds a tuple each time,
-        # and a request ends with seven of them (see _child).
-        self._children: dict[tuple[MetricWrapperBase, tuple[str, ...]], Any] = {}
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -331,16 +347,8 @@ class Metrics:
         method = method if method in METHODS else "other"
         route = route or UNMATCHED_ROUTE
         status = status if status is not None else CLIENT_CLOSED
-        self._child(self._http_requests, method, route, str(status)).inc()
-        self._child(self._http_duration, route).observe(seconds)
-
-    def _child(self, metric: MetricWrapperBase, *labels: str) -> Any:
-        """``metric.labels(*labels)``, looked up once."""
-        key = (metric, labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
+        self._http_requests.inc((method, route, str(status)))
+        self._http_duration.observe((route,), seconds)
 
     def model_request_ended(self, scope: RequestScope, *, route: str | None, disconnected_at: float | None) -> None:
         """A model request's scope closed; ``disconnected_at``: when its client left, if it did."""
@@ -352,8 +360,8 @@ class Metrics:
         first_token = None
         if scope.first_token_at is not None and (scope.usage is not None or scope.translator.completion_tokens):
             first_token = scope.first_token_at - scope.started_at
-            self._child(self._first_token, model).observe(first_token)
-        self._child(self._model_duration, model).observe(duration)
+            self._first_token.observe((model,), first_token)
+        self._model_duration.observe((model,), duration)
         self._window.add(duration, first_token)
 
         # The usage the client was told (the agent's own count, when it gave one); for an answer
@@ -365,9 +373,9 @@ class Metrics:
         totals.prompt_tokens += prompt
         totals.completion_tokens += completion
         if prompt:
-            self._child(self._tokens, model, "input").inc(prompt)
+            self._tokens.inc((model, "input"), prompt)
         if completion:
-            self._child(self._tokens, model, "output").inc(completion)
+            self._tokens.inc((model, "output"), completion)
         now = time.monotonic()
         self._request_rate.add(now)
         self._token_rate.add(now, prompt + completion)
@@ -375,24 +383,24 @@ class Metrics:
         kind = outcome_kind(scope.outcome)
         if kind == "successful":
             totals.successful += 1
-            self._child(self._model_requests, model, "completed").inc()
+            self._model_requests.inc((model, "completed"))
             return
         if kind == "failed":
             totals.failed += 1
-            self._model_requests.labels(model, "failed").inc()
+            self._model_requests.inc((model, "failed"))
             self._note("error", route, model, scope.invoke.id, code=scope.error_code)
             return
         totals.cancelled += 1
         reason = cancel_reason(scope.outcome)
         totals.by_reason[reason] = totals.by_reason.get(reason, 0) + 1
-        self._model_requests.labels(model, "cancelled").inc()
-        self._cancellations.labels(reason).inc()
+        self._model_requests.inc((model, "cancelled"))
+        self._cancellations.inc((reason,))
         if scope.cancel_sent_at is not None:
             began = scope.stopping_at if scope.stopping_at is not None else scope.cancel_sent_at
             if disconnected_at is not None:
                 began = min(began, disconnected_at)
             took = max(0.0, scope.cancel_sent_at - began)
-            self._cancel_latency.observe(took)
+            self._cancel_latency.observe((), took)
             totals.cancel_seconds += took
             totals.cancels_timed += 1
         self._note("cancellation", route, model, scope.invoke.id, code=scope.error_code, reason=reason)
@@ -405,12 +413,12 @@ class Metrics:
         label = "unknown" if code in UNCHECKED_MODEL_CODES else model
         if status == 429:
             self._totals.rate_limited += 1
-            self._rate_limited.labels(code or "rate_limit_exceeded").inc()
-            self._model_requests.labels(label, "rate_limited").inc()
+            self._rate_limited.inc((code or "rate_limit_exceeded",))
+            self._model_requests.inc((label, "rate_limited"))
             self._note("rate_limited", route, model, request_id, code=code, status=status)
         else:
             self._totals.failed += 1
-            self._model_requests.labels(label, "refused").inc()
+            self._model_requests.inc((label, "refused"))
             self._note("error", route, model, request_id, code=code, status=status)
 
     def _note(self, kind: str, route: str | None, model: str, request_id: str, **details: Any) -> None:
