@@ -345,6 +345,36 @@ async def test_a_call_hands_over_what_has_arrived_without_waiting() -> None:
     assert cancelled == []  # the answer had ended: nothing to cancel
 
 
+async def test_an_interrupt_ends_a_wait_for_replies_with_what_has_arrived() -> None:
+    table = CallTable()
+
+    async def cancel(request_id: str, reason: str) -> None:
+        pass
+
+    call = table.open("i", cancel)
+    taken: list[list[Any]] = []
+    async with trio.open_nursery() as nursery:
+
+        async def wait_for_replies() -> None:
+            taken.append(await call.receive_batch())
+
+        nursery.start_soon(wait_for_replies)
+        await trio.testing.wait_all_tasks_blocked()
+        call.interrupt()  # a waiting requester: woken with nothing
+    assert taken == [[]] and not call.finished
+    # An interrupt before the wait ends the next one at once; it never hides a reply.
+    call.interrupt()
+    assert await call.receive_batch() == []
+    chunk = ModelStreamChunk(id="i", chunk={"delta": {"content": "x"}})
+    await table.deliver(chunk, 1.0)
+    call.interrupt()
+    assert await call.receive_batch() == [chunk]
+    # Used up: the next wait is for a reply again.
+    with trio.move_on_after(0.1) as waited:
+        await call.receive_batch()
+    assert waited.cancelled_caught
+
+
 async def test_a_requester_waiting_for_a_reply_is_woken_by_it_or_by_the_agent_leaving() -> None:
     table = CallTable()
 

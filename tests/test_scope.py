@@ -148,6 +148,31 @@ async def test_heartbeats_while_the_agent_is_silent(autojump_clock: trio.testing
         nursery.cancel_scope.cancel()
 
 
+async def test_no_heartbeat_while_the_agent_speaks_within_the_interval(autojump_clock: trio.testing.MockClock) -> None:
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, EchoAgent(tokens=5, delay=14))
+        scope = RequestScope(hub, invoke(), prompt_tokens=1, heartbeat_interval=15)
+        stamped: list[tuple[type, float]] = []
+
+        async def write(batch: list[Event]) -> None:
+            stamped.extend((type(event), trio.current_time()) for event in batch)
+
+        started = trio.current_time()
+        await scope.stream(write)
+        # A token every 14 s for 70 s: never 15 s of silence.
+        assert [kind for kind, _ in stamped] == [DeltaEvent] * 5 + [Finished]
+        assert stamped[-1][1] - started >= 70
+        # Silent for 40 s before each of two tokens: heartbeats 15 and 30 s into each silence.
+        hub2 = await with_agent(nursery, EchoAgent(tokens=2, delay=40))
+        stamped.clear()
+        await RequestScope(hub2, invoke("r2"), prompt_tokens=1, heartbeat_interval=15).stream(write)
+        kinds = [kind for kind, _ in stamped]
+        assert kinds == [Heartbeat, Heartbeat, DeltaEvent, Heartbeat, Heartbeat, DeltaEvent, Finished]
+        times = [at - stamped[0][1] for _, at in stamped]
+        assert times[:3] == [0, 15, 25] and times[3:5] == [40, 55]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_consumer_that_leaves_cancels_the_agent(autojump_clock: trio.testing.MockClock) -> None:
     g = gate()
     agent = EchoAgent(tokens=100, delay=1)

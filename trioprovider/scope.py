@@ -208,7 +208,7 @@ class RequestScope:
         self._open()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch_client, writer)
+                nursery.start_soon(self._keep_time, writer)
                 if self.client is not None:
                     # A stream writes while it waits: its client needs a watcher of its own.
                     nursery.start_soon(self.client.until_left)
@@ -278,7 +278,6 @@ class RequestScope:
                 session.unwatch(self.cancel)
 
     async def _relay(self, call: Call, events: EventSink) -> None:
-        interval = self.heartbeat_interval
         yielded = False  # since the last replies were taken
         while True:
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -292,7 +291,7 @@ class RequestScope:
                     replies += call.ready()
             elif call.finished:
                 return
-            elif interval is None and self.client is not None and not self._client_watched:
+            elif self.client is not None and not self._client_watched:
                 if not yielded:
                     # An agent that answers at once has its reply in by the next schedule
                     # point: one costs less than setting up the wait on the client below.
@@ -308,15 +307,11 @@ class RequestScope:
                     finally:
                         call.wake_on_arrival(None)
                 replies = call.ready()
-            elif interval is None:
-                replies = await call.receive_batch()
             else:
-                replies = []
-                with trio.move_on_at(self._last_event_at + interval):
-                    replies = await call.receive_batch()
+                replies = await call.receive_batch()
                 if not replies and not call.finished:
-                    # The agent was silent for a heartbeat interval (a cancelled wait for the
-                    # next replies loses none: they stay in the call).
+                    # The agent was silent for a heartbeat interval: the stream's timekeeper
+                    # ended the wait (see _keep_time).
                     self._last_event_at = trio.current_time()
                     await events.put([Heartbeat()])
                     continue
@@ -364,23 +359,42 @@ class RequestScope:
         if not sending.cancelled_caught:
             self.cancel_sent_at = trio.current_time()
 
-    async def _watch_client(self, writer: _Writer) -> None:
-        """Stop the request if one write to the client takes longer than CLIENT_STALL_TIMEOUT.
+    async def _keep_time(self, writer: _Writer) -> None:
+        """The stream's timers, in one task rather than a timeout on every wait for a token.
 
-        Hypercorn's socket writes cannot be timed out or cancelled from the app, so a client
-        that stopped reading would hold the request task, and with it the request's slot,
-        session and budget, for as long as the connection stays open: the request is let go
-        from here. The agent gets model_cancel now; the request task ends once its write does
-        (Hypercorn's to drop with the connection).
+        - Stop the request if one write to the client takes longer than CLIENT_STALL_TIMEOUT.
+          Hypercorn's socket writes cannot be timed out or cancelled from the app, so a client
+          that stopped reading would hold the request task, and with it the request's slot,
+          session and budget, for as long as the connection stays open: the request is let go
+          from here. The agent gets model_cancel now; the request task ends once its write
+          does (Hypercorn's to drop with the connection).
+        - With a heartbeat interval, when the agent has been silent that long, end the relay's
+          wait for its replies (it writes a heartbeat). Not while the request waits for an
+          agent: nothing is written before then (checked every quarter interval).
         """
+        interval = self.heartbeat_interval
         while True:
             began = writer.writing_since
-            if began is None:
-                await trio.sleep(CLIENT_STALL_TIMEOUT / 4)
+            if began is not None:
+                await trio.sleep_until(began + CLIENT_STALL_TIMEOUT)
+                if writer.writing_since == began:
+                    break
                 continue
-            await trio.sleep_until(began + CLIENT_STALL_TIMEOUT)
-            if writer.writing_since == began:
-                break
+            now = trio.current_time()
+            wake = now + CLIENT_STALL_TIMEOUT / 4
+            if interval is not None:
+                due = self._last_event_at + interval
+                call = self._call
+                if due > now:
+                    wake = min(wake, due)
+                elif call is None:
+                    wake = min(wake, now + interval / 4)
+                else:
+                    # Counted from now: the relay's own update comes only once it runs.
+                    self._last_event_at = now
+                    call.interrupt()
+                    wake = min(wake, now + interval)
+            await trio.sleep_until(wake)
         self.outcome = "client_too_slow"
         log.warning("request %s: client stopped reading; stopped", self.invoke.id)
         self.cancel("client_too_slow")

@@ -68,6 +68,7 @@ class Call:
         self._arrival = trio.lowlevel.ParkingLot()  # the requester, waiting for a reply
         self._space = trio.lowlevel.ParkingLot()  # deliverers, waiting for the requester
         self._wake: Callable[[], None] | None = None
+        self._interrupted = False
 
     def __aiter__(self) -> Call:
         return self
@@ -85,12 +86,22 @@ class Call:
 
     async def receive_batch(self) -> list[Reply]:
         """The next replies: at least one, and every one that has arrived by then (several
-        chunks can then share one write to the client); empty once the answer has ended."""
-        try:
-            first = await self.__anext__()
-        except StopAsyncIteration:
-            return []
-        return [first, *self.ready()]
+        chunks can then share one write to the client); empty once the answer has ended, or
+        when :meth:`interrupt` ended the wait first."""
+        if self._replies or self._closed:
+            await trio.lowlevel.checkpoint()
+        while not (self._replies or self._closed or self.finished or self._interrupted):
+            await self._arrival.park()
+        self._interrupted = False
+        return self.ready()
+
+    def interrupt(self) -> None:
+        """End the requester's wait in :meth:`receive_batch` (now, or its next one) with what
+        has arrived, even nothing: it has something else to do (a heartbeat is due). One timer
+        in another task that calls this costs less than a timeout on every wait for a token."""
+        self._interrupted = True
+        if self._arrival:
+            self._arrival.unpark()
 
     def ready(self) -> list[Reply]:
         """The replies that have arrived, without waiting: empty when none has (or the answer
