@@ -345,6 +345,24 @@ async def test_a_call_hands_over_what_has_arrived_without_waiting() -> None:
     assert cancelled == []  # the answer had ended: nothing to cancel
 
 
+async def test_delivery_without_a_wait_while_there_is_room() -> None:
+    table = CallTable()
+
+    async def cancel(request_id: str, reason: str) -> None:
+        pass
+
+    call = table.open("n", cancel)
+    chunk = ModelStreamChunk(id="n", chunk={"delta": {"content": "x"}})
+    assert table.deliver_nowait(ModelStreamChunk(id="other", chunk={})) is Delivery.UNKNOWN
+    for _ in range(REPLY_BUFFER):
+        assert table.deliver_nowait(chunk) is Delivery.DELIVERED
+    assert table.deliver_nowait(chunk) is None  # full: the caller must wait for room
+    assert len(call.ready()) == REPLY_BUFFER
+    assert table.deliver_nowait(ModelResult(id="n")) is Delivery.DELIVERED
+    assert "n" not in table  # the answer's end closes the call
+    assert isinstance(call.ready()[-1], ModelResult) and call.finished
+
+
 async def test_an_interrupt_ends_a_wait_for_replies_with_what_has_arrived() -> None:
     table = CallTable()
 

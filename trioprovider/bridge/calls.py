@@ -154,17 +154,24 @@ class Call:
     async def _offer(self, reply: Reply, stall_timeout: float) -> bool:
         """Put ``reply``, waiting up to ``stall_timeout`` for room; False if there was none
         (the requester stopped reading). Dropped if the call was let go meanwhile."""
+        if self._put_nowait(reply):
+            return True
+        with trio.move_on_after(stall_timeout):
+            while len(self._replies) >= REPLY_BUFFER and not (self.finished or self._closed):
+                await self._space.park()
+        if self._closed:
+            return True  # let go meanwhile (cancelled, or its agent left)
+        return self._put_nowait(reply)
+
+    def _put_nowait(self, reply: Reply) -> bool:
+        """Put ``reply`` if there is room (True), else False. Dropped (True) if the requester
+        has already left."""
+        if self.finished:
+            return True
         if len(self._replies) >= REPLY_BUFFER:
-            with trio.move_on_after(stall_timeout):
-                while len(self._replies) >= REPLY_BUFFER and not (self.finished or self._closed):
-                    await self._space.park()
-            if self._closed:
-                return True  # let go meanwhile (cancelled, or its agent left)
-            if len(self._replies) >= REPLY_BUFFER and not self.finished:
-                return False
-        if not self.finished:  # a requester that already left drops it
-            self._replies.append(reply)
-            self._arrived()
+            return False
+        self._replies.append(reply)
+        self._arrived()
         return True
 
     def _close(self) -> None:
@@ -214,6 +221,19 @@ class CallTable:
         for call in self._open.values():
             call._close()
         self._open.clear()
+
+    def deliver_nowait(self, reply: Reply) -> Delivery | None:
+        """:meth:`deliver` when there is room for the reply, with no wait (every token passes
+        here); None when its call's buffer is full: then await :meth:`deliver`."""
+        call = self._open.get(reply.id)
+        if call is None:
+            return Delivery.UNKNOWN
+        if not call._put_nowait(reply):
+            return None
+        if isinstance(reply, (ModelResult, ModelError)):
+            del self._open[reply.id]
+            call._close()
+        return Delivery.DELIVERED
 
     async def deliver(self, reply: Reply, stall_timeout: float) -> Delivery:
         call = self._open.get(reply.id)

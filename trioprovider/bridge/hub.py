@@ -173,12 +173,10 @@ class BridgeHub:
 
     def saturated(self, model: str) -> bool:
         """True if a request for ``model`` now would be refused as Overloaded."""
+        if self._queued < self.queue_limit:  # asked on every request: the cheap test first
+            return False
         candidates = self._candidates(model)
-        return (
-            bool(candidates)
-            and not any(link.has_capacity for link in candidates)
-            and self._queued >= self.queue_limit
-        )
+        return bool(candidates) and not any(link.has_capacity for link in candidates)
 
     async def _claim(self, model: str, queued_wait: QueuedWait | None = None) -> AgentLink:
         """An agent for ``model`` with a free slot, waiting (bounded by the queue) for one."""
@@ -344,7 +342,9 @@ class BridgeHub:
         for an in-process agent). Waits only while that call's buffer is full, up to the stall
         timeout; a peer gone while we answer it is the reader's to notice."""
         if isinstance(message, (ModelStreamChunk, ModelResult, ModelError)):
-            outcome = await link.calls.deliver(message, self.stall_timeout)
+            outcome = link.calls.deliver_nowait(message)
+            if outcome is None:  # its buffer is full: wait for room, a bounded time
+                outcome = await link.calls.deliver(message, self.stall_timeout)
             if outcome is Delivery.STALLED:
                 log.warning("bridge: request %s dropped: its client stopped reading", message.id, extra=about(message.id))
                 self._capacity_freed()
