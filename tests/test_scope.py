@@ -270,6 +270,42 @@ class AnnouncingAgent:
         return ModelResult(id=invoke.id, choices=[text_choice(invoke, "hi")], usage=usage_of(4, 1))
 
 
+class PausingAgent:
+    """Writes a word at once, is silent for 50 s, then writes another."""
+
+    agent_id = "pausing"
+    models = [ModelCard(id="echo")]
+    max_concurrency = 4
+
+    async def answer(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
+        await out.text("a")
+        await trio.sleep(50)
+        await out.text("b")
+        return ModelResult(id=invoke.id, choices=[text_choice(invoke, "ab")], usage=usage_of(4, 2))
+
+
+async def test_a_heartbeat_follows_soon_after_a_slow_write(autojump_clock: trio.testing.MockClock) -> None:
+    """A write that outlasts the heartbeat interval (not the stall timeout) delays the
+    heartbeat only until it ends, give or take a quarter interval."""
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, PausingAgent())  # type: ignore[arg-type]
+        stamped: list[tuple[type, float]] = []
+
+        async def slow_first_write(batch: list[Event]) -> None:
+            if not stamped:
+                await trio.sleep(20)  # the client reads the first word slowly
+            stamped.extend((type(event), trio.current_time()) for event in batch)
+
+        started = trio.current_time()
+        await RequestScope(hub, invoke(), prompt_tokens=1, heartbeat_interval=15).stream(slow_first_write)
+        kinds = [kind for kind, _ in stamped]
+        assert kinds == [DeltaEvent, Heartbeat, Heartbeat, DeltaEvent, Finished]
+        first_heartbeat = stamped[1][1] - started
+        assert 20 <= first_heartbeat <= 20 + 15 / 4
+        assert stamped[2][1] - stamped[1][1] == pytest.approx(15)
+        nursery.cancel_scope.cancel()
+
+
 async def test_being_told_the_agent_is_answering_is_not_the_first_token(autojump_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as nursery:
         hub = await with_agent(nursery, AnnouncingAgent())  # type: ignore[arg-type]

@@ -369,31 +369,28 @@ class RequestScope:
           from here. The agent gets model_cancel now; the request task ends once its write
           does (Hypercorn's to drop with the connection).
         - With a heartbeat interval, when the agent has been silent that long, end the relay's
-          wait for its replies (it writes a heartbeat). Not while the request waits for an
-          agent: nothing is written before then (checked every quarter interval).
+          wait for its replies (it writes a heartbeat). Not during a write, nor while the
+          request waits for an agent: then it looks again every quarter interval.
         """
         interval = self.heartbeat_interval
         while True:
-            began = writer.writing_since
-            if began is not None:
-                await trio.sleep_until(began + CLIENT_STALL_TIMEOUT)
-                if writer.writing_since == began:
-                    break
-                continue
             now = trio.current_time()
-            wake = now + CLIENT_STALL_TIMEOUT / 4
+            began = writer.writing_since
+            if began is not None and now >= began + CLIENT_STALL_TIMEOUT:
+                break  # one write has lasted that long
+            wake = now + CLIENT_STALL_TIMEOUT / 4 if began is None else began + CLIENT_STALL_TIMEOUT
             if interval is not None:
                 due = self._last_event_at + interval
                 call = self._call
-                if due > now:
-                    wake = min(wake, due)
-                elif call is None:
-                    wake = min(wake, now + interval / 4)
-                else:
-                    # Counted from now: the relay's own update comes only once it runs.
-                    self._last_event_at = now
-                    call.interrupt()
-                    wake = min(wake, now + interval)
+                if due <= now:
+                    if began is None and call is not None:
+                        # Counted from now: the relay's own update comes only once it runs.
+                        self._last_event_at = now
+                        call.interrupt()
+                        due = now + interval
+                    else:
+                        due = now + interval / 4
+                wake = min(wake, due)
             await trio.sleep_until(wake)
         self.outcome = "client_too_slow"
         log.warning("request %s: client stopped reading; stopped", self.invoke.id)
