@@ -28,9 +28,15 @@ from support import (
     wait_until,
 )
 from trioprovider.agents.echo import EchoAgent, echo_text
-from trioprovider.agents.runner import AgentStartError, AnswerStream, run_agent
+from trioprovider.agents import upstream as upstream_module
+from trioprovider.agents.runner import AgentStartError, AnswerStream, run_agent, serve_agent
+from trioprovider.agents.upstream import ClientShards, UpstreamAgent
+from trioprovider.bridge.hub import BridgeHub
+from trioprovider.bridge.streams import local_stream_pair
 from trioprovider.config import ConfigError, Settings, load_settings
+from trioprovider.events import DeltaEvent
 from trioprovider.protocol import ModelInvoke, ModelResult
+from trioprovider.scope import RequestScope
 from trioprovider.server import Running
 
 USER = [{"role": "user", "content": "hello there"}]
@@ -498,5 +504,55 @@ async def test_a_client_leaving_an_unstreamed_request_closes_the_upstream_reques
         assert agent.streamed == [False]
         await wait_until(lambda: not front.provider.scopes and not upstream.provider.scopes)
         front.shutdown.set()
+        upstream.shutdown.set()
+        nursery.cancel_scope.cancel()
+
+
+def test_client_shards_fill_the_first_client_with_room_and_make_more_only_when_all_are_full() -> None:
+    made: list[str] = []
+
+    def make() -> str:
+        made.append(f"client-{len(made)}")
+        return made[-1]
+
+    shards = ClientShards(make, per_client=2)
+    assert [shards.take() for _ in range(5)] == [0, 0, 1, 1, 2]
+    assert shards.clients == made == ["client-0", "client-1", "client-2"]
+    shards.give_back(0)
+    assert shards.take() == 0  # room again in the first: no new client
+    shards.give_back(1)
+    shards.give_back(1)
+    assert shards.take() == 1 and len(made) == 3
+
+
+async def test_requests_at_once_spread_over_small_connection_pools(monkeypatch: pytest.MonkeyPatch) -> None:
+    """httpcore's pool checks each of its connections whenever a request starts or ends: the
+    agent keeps its pools small, and every request still gets its whole answer."""
+    monkeypatch.setattr(upstream_module, "CONNECTIONS_PER_CLIENT", 3)
+    async with trio.open_nursery() as nursery:
+        upstream = await start_upstream(nursery, EchoAgent(tokens=4, delay=0.2, max_concurrency=16))
+        agent = UpstreamAgent(base_url=f"{upstream.provider_url}/v1", api_key=API_KEY, max_concurrency=16)
+        async with agent.running():
+            hub = BridgeHub(token=BRIDGE_TOKEN, default_model="d")
+            hub_end, agent_end = local_stream_pair()
+            nursery.start_soon(hub.accept, hub_end)
+            nursery.start_soon(serve_agent, agent, agent_end, BRIDGE_TOKEN)
+            await hub.wait_for_agents(5)
+            answers: dict[int, str] = {}
+
+            async def ask(number: int) -> None:
+                invoke = ModelInvoke(id=f"r{number}", session_id="s", model="echo", messages=USER, stream=number % 2 == 0)
+                events = await RequestScope(hub, invoke, prompt_tokens=1).run_to_end()
+                answers[number] = "".join(e.delta.content or "" for e in events if isinstance(e, DeltaEvent))
+
+            async with trio.open_nursery() as asking:
+                for number in range(7):
+                    asking.start_soon(ask, number)
+                await wait_until(lambda: len(upstream.provider.scopes) == 7)
+                shards = agent._clients
+                assert shards is not None and len(shards.clients) == 3
+                assert shards._busy == [3, 3, 1]
+            assert answers == {number: echo_text("hello there", 4) for number in range(7)}
+            assert shards._busy == [0, 0, 0]
         upstream.shutdown.set()
         nursery.cancel_scope.cancel()

@@ -1,7 +1,8 @@
 """The ``openai`` agent: forwards each request to an OpenAI-compatible server.
 
 Ollama, llama.cpp, vLLM, LM Studio or a hosted API answer; this agent only carries requests
-there and chunks back, with one shared ``httpx.AsyncClient`` (httpx runs on Trio through anyio).
+there and chunks back, through pooled ``httpx.AsyncClient`` connections (httpx runs on Trio through
+anyio; see :class:`ClientShards` for why several clients).
 A ``model_cancel`` cancels the request's task, which leaves ``client.stream(...)`` and so closes
 the upstream response mid-answer: the upstream sees its client go and stops writing.
 The translation is pure, in :mod:`trioprovider.agents.upstream_wire`.
@@ -10,9 +11,9 @@ The translation is pure, in :mod:`trioprovider.agents.upstream_wire`.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import Any, Generic, TypeVar
 
 import httpx
 
@@ -37,6 +38,48 @@ log = logging.getLogger(__name__)
 #: Seconds to wait for a TCP connection, whatever ``timeout`` says: a server that is there accepts
 #: at once, and a dead address should not hold a request for minutes.
 CONNECT_TIMEOUT = 10.0
+#: Requests (and so connections) at once on one HTTP client; see ClientShards.
+CONNECTIONS_PER_CLIENT = 8
+
+Client = TypeVar("Client")
+
+
+class ClientShards(Generic[Client]):
+    """HTTP clients of at most ``per_client`` requests at once each, made as needed.
+
+    httpcore's connection pool looks at every connection it holds whenever a request starts or
+    ends, and asks the OS whether each idle one was closed: one pool of 20 connections was a
+    tenth of this agent's CPU at 20 requests at once, and the cost grows with the pool. Spread
+    over small pools, each request pays for a few. A request takes the first client with room
+    (so idle connections gather in the first clients), or a new client when all are full.
+    """
+
+    def __init__(self, make: Callable[[], Client], per_client: int = CONNECTIONS_PER_CLIENT) -> None:
+        self._make = make
+        self.per_client = per_client
+        self.clients: list[Client] = []
+        self._busy: list[int] = []
+
+    def take(self) -> int:
+        """The index of a client with room for one more request, which it now counts."""
+        for index, busy in enumerate(self._busy):
+            if busy < self.per_client:
+                self._busy[index] += 1
+                return index
+        self.clients.append(self._make())
+        self._busy.append(1)
+        return len(self.clients) - 1
+
+    def give_back(self, index: int) -> None:
+        self._busy[index] -= 1
+
+    @asynccontextmanager
+    async def lease(self) -> AsyncIterator[Client]:
+        index = self.take()
+        try:
+            yield self.clients[index]
+        finally:
+            self.give_back(index)
 
 
 class UpstreamAgent:
@@ -59,24 +102,34 @@ class UpstreamAgent:
         self.max_concurrency = max_concurrency
         #: Empty until :meth:`running` has asked the upstream, when none are configured.
         self.models = [ModelCard(id=name, supports_tools=True) for name in models or ()]
-        self._client: httpx.AsyncClient | None = None
+        self._clients: ClientShards[httpx.AsyncClient] | None = None
 
     @asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
-        """Hold the HTTP client while serving; learn the models first if none were configured."""
+        """Hold the HTTP clients while serving; learn the models first if none were configured."""
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         timeout = httpx.Timeout(self.timeout, connect=min(CONNECT_TIMEOUT, self.timeout))
-        # Pooled connections stay open for reuse; one per request in flight, plus discovery.
-        limits = httpx.Limits(max_connections=self.max_concurrency + 1, max_keepalive_connections=self.max_concurrency)
-        async with httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, trust_env=False) as client:
-            self._client = client
+        # Pooled connections stay open for reuse; the shards see to it that no client is
+        # asked for more at once than it holds.
+        limits = httpx.Limits(max_connections=CONNECTIONS_PER_CLIENT, max_keepalive_connections=CONNECTIONS_PER_CLIENT)
+        # One TLS context for all the clients, as each would make by default (loading the CA store).
+        tls = httpx.create_ssl_context(trust_env=False)
+        async with AsyncExitStack() as stack:
+
+            def make() -> httpx.AsyncClient:
+                client = httpx.AsyncClient(headers=headers, timeout=timeout, limits=limits, trust_env=False, verify=tls)
+                stack.push_async_callback(client.aclose)
+                return client
+
+            self._clients = ClientShards(make, CONNECTIONS_PER_CLIENT)
             try:
                 if not self.models:
-                    self.models = await self._discover_models(client)
+                    async with self._clients.lease() as client:
+                        self.models = await self._discover_models(client)
                     log.info("agent %r: upstream %s serves %s", self.agent_id, self.root, ", ".join(card.id for card in self.models))
                 yield
             finally:
-                self._client = None
+                self._clients = None
 
     async def _discover_models(self, client: httpx.AsyncClient) -> list[ModelCard]:
         url = f"{self.root}/models"
@@ -99,7 +152,7 @@ class UpstreamAgent:
         return cards
 
     async def answer(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
-        if self._client is None:
+        if self._clients is None:
             raise RuntimeError("UpstreamAgent.answer called outside its running() context")
         path, body = upstream_request(invoke, upstream_model(invoke.model, [card.id for card in self.models]))
         if not invoke.stream:
@@ -108,7 +161,7 @@ class UpstreamAgent:
             # the upstream's hands. Its silence is bounded by our own ``timeout`` instead.
             await out.send(Delta())
         try:
-            async with self._client.stream("POST", self.root + path, json=body) as response:
+            async with self._clients.lease() as client, client.stream("POST", self.root + path, json=body) as response:
                 if response.status_code >= 300:
                     raise status_failure(response.status_code, await _read_bounded(response), self.root)
                 content_type = response.headers.get("content-type", "")
