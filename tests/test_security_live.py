@@ -27,6 +27,9 @@ from support import (
 from trioprovider import protocol
 from trioprovider.agents.echo import EchoAgent
 from trioprovider.agents.runner import run_agent
+from trioprovider.app import create_app
+from trioprovider.guard import RequestGuard
+from trioprovider.model_routes import ModelRoutes
 from trioprovider.server import Running
 
 ADMIN = "admin-token-for-tests"
@@ -258,6 +261,51 @@ async def test_a_slow_body_gets_408_and_holds_up_nobody() -> None:
         assert answer.startswith(b"HTTP/1.1 408")
         assert b'"timeout_error"' in answer
         assert not running.provider.scopes and running.provider.gate.sessions.active_requests == 0
+        running.shutdown.set()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_body_ending_just_as_its_deadline_passes_still_gets_an_answer() -> None:
+    """The body's last message is taken in the very instant the body timeout strikes (the
+    receive's own shielded schedule point spans the deadline): the request scope is cancelled
+    for good, and the client must hear so (408) rather than get no answer at all."""
+    async with trio.open_nursery() as nursery:
+        running = await start_with_agent(nursery, EchoAgent(tokens=2), **{"provider.body_timeout": 0.5})
+        provider = running.provider
+        app = RequestGuard(ModelRoutes(provider, create_app(provider)), provider, access_log=None)
+        body = chat_body(stream=False)
+        port = int(running.provider_url.rsplit(":", 1)[1])
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+            "headers": [(b"host", f"127.0.0.1:{port}".encode()), (b"authorization", f"Bearer {API_KEY}".encode()),
+                        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", port),
+        }  # fmt: skip
+        taken = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal taken
+            if taken:
+                await trio.sleep_forever()
+            # As a channel's receive with the message already there: taken, then a shielded
+            # schedule point; this one lasts past the body deadline.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            taken = True
+            with trio.CancelScope(shield=True):
+                await trio.sleep(0.6)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        sent: list[dict[str, Any]] = []
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        with trio.fail_after(5):
+            await app(scope, receive, send)
+        assert sent and sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+        assert b'"request_timeout"' in sent[-1]["body"]
+        assert not provider.scopes and provider.gate.sessions.active_requests == 0
         running.shutdown.set()
         nursery.cancel_scope.cancel()
 

@@ -55,6 +55,10 @@ ROUTES: dict[str, ModelRoute] = {
 ALLOWED_METHODS = "OPTIONS, POST"
 
 
+def _body_too_slow() -> ApiError:
+    return ApiError(408, "The request body did not arrive in time (provider.body_timeout).", code="request_timeout")
+
+
 class ClientLeft(Exception):
     """The client hung up before its request body was complete."""
 
@@ -107,6 +111,10 @@ class ModelRoutes:
         # only the client leaving cancels it (the agent gets model_cancel).
         with trio.CancelScope(deadline=trio.current_time() + body_timeout) as request:
             raw_body = await self._read_body(incoming, receive)
+            if request.cancel_called:
+                # The deadline passed in the same instant the body's end was taken: the scope
+                # is cancelled for good, and the answer would never go out.
+                raise _body_too_slow()
             request.deadline = math.inf
             body = parse_json(raw_body)
             exchange = current_exchange()
@@ -118,7 +126,7 @@ class ModelRoutes:
             else:
                 await self._send_whole(send, incoming, 200, reply.headers, dumps(reply.body))
         if request.cancelled_caught and request.deadline != math.inf:
-            raise ApiError(408, "The request body did not arrive in time (provider.body_timeout).", code="request_timeout")
+            raise _body_too_slow()
 
     async def _read_body(self, incoming: Incoming, receive: ASGIReceiveCallable) -> bytes:
         """The whole body: 413 past ``provider.max_body_bytes`` (by its Content-Length before
