@@ -391,6 +391,14 @@ async def test_an_interrupt_ends_a_wait_for_replies_with_what_has_arrived() -> N
     with trio.move_on_after(0.1) as waited:
         await call.receive_batch()
     assert waited.cancelled_caught
+    # Pending when replies are taken without a wait: they go out, and the interrupt (a
+    # heartbeat that is due) is dropped with them rather than ending the next wait.
+    call.interrupt()
+    await table.deliver(chunk, 1.0)
+    assert call.ready() == [chunk]
+    with trio.move_on_after(0.1) as waited:
+        await call.receive_batch()
+    assert waited.cancelled_caught
 
 
 async def test_a_requester_waiting_for_a_reply_is_woken_by_it_or_by_the_agent_leaving() -> None:

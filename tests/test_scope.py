@@ -306,6 +306,43 @@ async def test_a_heartbeat_follows_soon_after_a_slow_write(autojump_clock: trio.
         nursery.cancel_scope.cancel()
 
 
+class TwoThenSilentAgent:
+    """Writes a word, another a second later, then is silent for 50 s before a third."""
+
+    agent_id = "two-then-silent"
+    models = [ModelCard(id="echo")]
+    max_concurrency = 4
+
+    async def answer(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
+        await out.text("a")
+        await trio.sleep(1)
+        await out.text("b")
+        await trio.sleep(50)
+        await out.text("c")
+        return ModelResult(id=invoke.id, choices=[text_choice(invoke, "abc")], usage=usage_of(4, 3))
+
+
+@pytest.mark.parametrize("first_write", [15, 18.75, 22.5, 26.25])
+async def test_no_heartbeat_right_behind_data(autojump_clock: trio.testing.MockClock, first_write: float) -> None:
+    """A heartbeat asked for just as data goes out (the write of a word that waited behind a
+    slow one) is not written: only a whole interval without output earns one. Trio's random
+    order of tasks decides whether the ask and the data meet, hence several tries."""
+    async with trio.open_nursery() as nursery:
+        hub = await with_agent(nursery, TwoThenSilentAgent())  # type: ignore[arg-type]
+        for attempt in range(6):
+            stamped: list[tuple[type, float]] = []
+
+            async def write(batch: list[Event]) -> None:
+                if not stamped:
+                    await trio.sleep(first_write)
+                stamped.extend((type(event), trio.current_time()) for event in batch)
+
+            await RequestScope(hub, invoke(f"r{attempt}"), prompt_tokens=1, heartbeat_interval=15).stream(write)
+            for (_, at), (kind, next_at) in zip(stamped, stamped[1:]):
+                assert kind is not Heartbeat or next_at - at >= 15, stamped
+        nursery.cancel_scope.cancel()
+
+
 async def test_being_told_the_agent_is_answering_is_not_the_first_token(autojump_clock: trio.testing.MockClock) -> None:
     async with trio.open_nursery() as nursery:
         hub = await with_agent(nursery, AnnouncingAgent())  # type: ignore[arg-type]

@@ -190,7 +190,8 @@ class RequestScope:
         """Run the request to its end in the calling task and return all its events.
 
         For an answer that is not streamed: nothing reaches the client before the end, so
-        there is nothing to watch and nothing to write meanwhile.
+        there is nothing to watch and nothing to write meanwhile (and no heartbeats: those are
+        :meth:`stream`'s, timed by its timekeeper task).
         """
         gathered = _Gathered()
         self._open()
@@ -310,10 +311,12 @@ class RequestScope:
             else:
                 replies = await call.receive_batch()
                 if not replies and not call.finished:
-                    # The agent was silent for a heartbeat interval: the stream's timekeeper
-                    # ended the wait (see _keep_time).
-                    self._last_event_at = trio.current_time()
-                    await events.put([Heartbeat()])
+                    # The stream's timekeeper ended the wait (see _keep_time): a heartbeat, if
+                    # nothing went out for a whole interval (else it asked as a write began).
+                    now = trio.current_time()
+                    if self.heartbeat_interval is not None and now - self._last_event_at >= self.heartbeat_interval:
+                        self._last_event_at = now
+                        await events.put([Heartbeat()])
                     continue
             if not replies:
                 return
@@ -373,6 +376,7 @@ class RequestScope:
           request waits for an agent: then it looks again every quarter interval.
         """
         interval = self.heartbeat_interval
+        asked_at = -math.inf  # when a heartbeat was last asked for
         while True:
             now = trio.current_time()
             began = writer.writing_since
@@ -380,12 +384,13 @@ class RequestScope:
                 break  # one write has lasted that long
             wake = now + CLIENT_STALL_TIMEOUT / 4 if began is None else began + CLIENT_STALL_TIMEOUT
             if interval is not None:
-                due = self._last_event_at + interval
+                due = max(self._last_event_at, asked_at) + interval
                 call = self._call
                 if due <= now:
                     if began is None and call is not None:
-                        # Counted from now: the relay's own update comes only once it runs.
-                        self._last_event_at = now
+                        # Asked once an interval; the relay writes the heartbeat only if
+                        # nothing else went out meanwhile.
+                        asked_at = now
                         call.interrupt()
                         due = now + interval
                     else:

@@ -109,6 +109,8 @@ class Call:
         batch: list[Reply] = []
         while not self.finished and (self._replies or self._closed):
             batch.append(self._next())
+        if batch:
+            self._interrupted = False  # what is taken now goes out: no need to interrupt a wait
         return batch
 
     def wake_on_arrival(self, wake: Callable[[], None] | None) -> None:
