@@ -270,25 +270,30 @@ class AnnouncingAgent:
         return ModelResult(id=invoke.id, choices=[text_choice(invoke, "hi")], usage=usage_of(4, 1))
 
 
-class PausingAgent:
-    """Writes a word at once, is silent for 50 s, then writes another."""
+class ScriptedAgent:
+    """Writes its words on a schedule: each after its pause (seconds) from the one before."""
 
-    agent_id = "pausing"
+    agent_id = "scripted"
     models = [ModelCard(id="echo")]
     max_concurrency = 4
 
+    def __init__(self, *script: tuple[float, str]) -> None:
+        self.script = script
+
     async def answer(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
-        await out.text("a")
-        await trio.sleep(50)
-        await out.text("b")
-        return ModelResult(id=invoke.id, choices=[text_choice(invoke, "ab")], usage=usage_of(4, 2))
+        for pause, word in self.script:
+            if pause:
+                await trio.sleep(pause)
+            await out.text(word)
+        text = "".join(word for _, word in self.script)
+        return ModelResult(id=invoke.id, choices=[text_choice(invoke, text)], usage=usage_of(4, len(self.script)))
 
 
 async def test_a_heartbeat_follows_soon_after_a_slow_write(autojump_clock: trio.testing.MockClock) -> None:
     """A write that outlasts the heartbeat interval (not the stall timeout) delays the
     heartbeat only until it ends, give or take a quarter interval."""
     async with trio.open_nursery() as nursery:
-        hub = await with_agent(nursery, PausingAgent())  # type: ignore[arg-type]
+        hub = await with_agent(nursery, ScriptedAgent((0, "a"), (50, "b")))  # type: ignore[arg-type]
         stamped: list[tuple[type, float]] = []
 
         async def slow_first_write(batch: list[Event]) -> None:
@@ -306,29 +311,14 @@ async def test_a_heartbeat_follows_soon_after_a_slow_write(autojump_clock: trio.
         nursery.cancel_scope.cancel()
 
 
-class TwoThenSilentAgent:
-    """Writes a word, another a second later, then is silent for 50 s before a third."""
-
-    agent_id = "two-then-silent"
-    models = [ModelCard(id="echo")]
-    max_concurrency = 4
-
-    async def answer(self, invoke: ModelInvoke, out: AnswerStream) -> ModelResult:
-        await out.text("a")
-        await trio.sleep(1)
-        await out.text("b")
-        await trio.sleep(50)
-        await out.text("c")
-        return ModelResult(id=invoke.id, choices=[text_choice(invoke, "abc")], usage=usage_of(4, 3))
-
-
 @pytest.mark.parametrize("first_write", [15, 18.75, 22.5, 26.25])
 async def test_no_heartbeat_right_behind_data(autojump_clock: trio.testing.MockClock, first_write: float) -> None:
     """A heartbeat asked for just as data goes out (the write of a word that waited behind a
     slow one) is not written: only a whole interval without output earns one. Trio's random
     order of tasks decides whether the ask and the data meet, hence several tries."""
     async with trio.open_nursery() as nursery:
-        hub = await with_agent(nursery, TwoThenSilentAgent())  # type: ignore[arg-type]
+        # A word, another a second later, then 50 s of silence before a third.
+        hub = await with_agent(nursery, ScriptedAgent((0, "a"), (1, "b"), (50, "c")))  # type: ignore[arg-type]
         for attempt in range(6):
             stamped: list[tuple[type, float]] = []
 
